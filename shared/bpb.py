@@ -1,0 +1,109 @@
+"""The only evaluator: window schedule, float64 accumulation, val_loss and val_bpb.
+
+A framework supplies score_fn(x, y) -> per-token NLL in nats, shape (B, T); this
+module decides which windows exist, which positions of each are scored, and how
+bytes are counted. val_bpb = (val_loss / ln 2) * (tokens / bytes).
+
+Windows are rows [start, score_from]: inputs tokens[start : start+T], targets
+tokens[start+1 : start+T+1], positions >= score_from counted.
+- stride 0 (official): non-overlapping windows, the tail that does not fill a
+  window dropped, exactly as the official eval_val.
+- stride s: sliding windows; every target token is scored exactly once, with
+  the most context the window allows (>= T-s tokens after the first window),
+  and the tail of the split scored by a last window ending exactly at the end.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from shared.config import MICRO_BATCHES_PER_STEP
+from shared.tokenizer import ByteTables
+
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+ReduceFn = Callable[[np.ndarray], np.ndarray]
+
+
+def eval_windows(n_tokens: int, seq_len: int, stride: int = 0) -> np.ndarray:
+    """(K, 2) int64 rows [start, score_from]; every window has seq_len inputs."""
+    n_targets = n_tokens - 1
+    if n_targets < seq_len:
+        raise ValueError(f"validation split has {n_tokens} tokens, fewer than one window of "
+                         f"TRAIN_SEQ_LEN+1={seq_len + 1}")
+    if stride == 0:
+        starts = np.arange(n_targets // seq_len, dtype=np.int64) * seq_len
+        return np.stack([starts, np.zeros_like(starts)], axis=1)
+    # Window i scores new targets [c_i, e_i) with e_i = min(seq_len + i*stride, n_targets).
+    ends = np.arange(seq_len, n_targets + stride, stride, dtype=np.int64)
+    ends = np.minimum(ends, n_targets)
+    ends = ends[np.concatenate([[True], ends[1:] > ends[:-1]])]
+    covered = np.concatenate([[0], ends[:-1]])
+    starts = ends - seq_len
+    return np.stack([starts, covered - starts], axis=1)
+
+
+def shard_windows(windows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Contiguous share of the windows for one rank (as the official eval splits sequences)."""
+    k = len(windows)
+    return windows[k * rank // world_size:k * (rank + 1) // world_size]
+
+
+@dataclass
+class BpbAccumulator:
+    """Sums in float64: [nll nats, tokens, bytes]; mergeable across ranks by adding `totals`."""
+    totals: np.ndarray = None
+
+    def __post_init__(self):
+        if self.totals is None:
+            self.totals = np.zeros(3, dtype=np.float64)
+
+    def add(self, nll: np.ndarray, prev_ids: np.ndarray, tgt_ids: np.ndarray, tables: ByteTables) -> None:
+        self.totals[0] += np.asarray(nll, dtype=np.float64).sum()
+        self.totals[1] += np.asarray(nll).size
+        self.totals[2] += tables.count_bytes(prev_ids, tgt_ids).sum(dtype=np.float64)
+
+    @property
+    def val_loss(self) -> float:
+        return float(self.totals[0] / self.totals[1])
+
+    @property
+    def val_bpb(self) -> float:
+        bits_per_token = self.val_loss / math.log(2.0)
+        return float(bits_per_token * self.totals[1] / self.totals[2])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.totals[1])
+
+    @property
+    def bytes(self) -> int:
+        return int(self.totals[2])
+
+
+def windows_per_batch(val_batch_size: int, seq_len: int) -> int:
+    """Per-rank batch, as the official eval: VAL_BATCH_SIZE / 8 tokens whatever the world size."""
+    return max(1, val_batch_size // (MICRO_BATCHES_PER_STEP * seq_len))
+
+
+def evaluate(score_fn: ScoreFn, tokens: np.ndarray, windows: np.ndarray, seq_len: int, tables: ByteTables,
+             batch_windows: int, reduce_fn: ReduceFn | None = None,
+             progress: Callable[[int, int], None] | None = None) -> BpbAccumulator:
+    """Score this rank's windows; reduce_fn (e.g. an all-reduce SUM) merges ranks' totals."""
+    acc = BpbAccumulator()
+    offsets = np.arange(seq_len + 1, dtype=np.int64)
+    n_batches = math.ceil(len(windows) / batch_windows)
+    for b in range(n_batches):
+        rows = windows[b * batch_windows:(b + 1) * batch_windows]
+        seqs = tokens[rows[:, :1] + offsets[None, :]].astype(np.int64)  # (B, T+1)
+        x, y = seqs[:, :-1], seqs[:, 1:]
+        nll = np.asarray(score_fn(x, y), dtype=np.float32)  # (B, T)
+        mask = np.arange(seq_len)[None, :] >= rows[:, 1:2]
+        acc.add(nll[mask], x[mask], y[mask], tables)
+        if progress is not None:
+            progress(b + 1, n_batches)
+    if reduce_fn is not None:
+        acc.totals = np.asarray(reduce_fn(acc.totals.copy()), dtype=np.float64)
+    return acc
