@@ -67,7 +67,7 @@ class Hyperparameters:
     compute_dtype: str = "auto"  # auto: bf16 on CUDA/Metal, fp32 on CPU
     artifact_path: str = ""  # "" -> artifacts/{run_id}.int8.zst
     checkpoint_every: int = 0  # steps between full training-state checkpoints; 0 = off
-    checkpoint_path: str = ""  # "" -> checkpoints/{run_id}.ckpt
+    checkpoint_path: str = ""  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
     torch_compile: bool = True  # CUDA only; never on CPU
     mlx_max_microbatch_tokens: int = 8192
     mlx_compile: bool = True
@@ -133,8 +133,9 @@ class Hyperparameters:
     def resolved_artifact_path(self) -> str:
         return self.artifact_path or f"artifacts/{self.run_id}.int8.zst"
 
-    def resolved_checkpoint_path(self) -> str:
-        return self.checkpoint_path or f"checkpoints/{self.run_id}.ckpt"
+    def resolved_checkpoint_path(self, step: int = 0) -> str:
+        """CHECKPOINT_PATH may hold {step} to keep one file per checkpoint instead of the latest only."""
+        return (self.checkpoint_path or f"checkpoints/{self.run_id}.ckpt").format(step=step)
 
 
 # Fields that fix the network's shape and numerics: an artifact is only valid under these.

@@ -1,14 +1,11 @@
-"""Shared fixtures: the repo on sys.path, the team reference data (skipped where absent)."""
+"""Fixtures for shared/ and data/ tests: the team reference data, skipped where absent."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 REFERENCE_DATA = ROOT.parent / "shared" / "data"
 
 
