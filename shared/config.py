@@ -71,6 +71,7 @@ class Hyperparameters:
     torch_compile: bool = True  # CUDA only; never on CPU
     mlx_max_microbatch_tokens: int = 8192
     mlx_compile: bool = True
+    mlx_ops: str = "auto"  # auto | fused | composed: see mlx_train.select_ops
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], base: "Hyperparameters | None" = None) -> "Hyperparameters":
@@ -127,6 +128,7 @@ class Hyperparameters:
         _require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
         _require(self.mlx_max_microbatch_tokens % self.train_seq_len == 0, "mlx_max_microbatch_tokens",
                  f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        _require(self.mlx_ops in ("auto", "fused", "composed"), "mlx_ops", "must be auto, fused or composed")
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
 
