@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+try:  # mlx_train must be the first to import mlx: it puts a fast BLAS under mlx[cpu] (see its docstring)
+    import mlx_train  # noqa: F401
+except ImportError:
+    pass
+
 # 384, not the style guide's 128: a byte-fallback tokenizer needs 256 byte pieces + 4 specials.
 TINY_VOCAB = 384
 

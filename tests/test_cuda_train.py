@@ -41,20 +41,7 @@ def test_eval_rejects_a_config_the_artifact_was_not_trained_with(trained):
     assert res.returncode != 0 and "NUM_LAYERS=2" in res.stderr and "NUM_LAYERS=3" in res.stderr
 
 
-def test_torchrun_two_processes_equal_one(tiny_data, tmp_path):
-    one = run_script([TRAINER], tiny_env(tiny_data, tmp_path / "a", ITERATIONS=8), tmp_path).stdout
-    env2 = tiny_env(tiny_data, tmp_path / "b", ITERATIONS=8)
-    two = run_script([TRAINER], env2, tmp_path, torchrun=2).stdout
-    l1, l2 = parse_train_losses(one), parse_train_losses(two)
-    assert sorted(l1) == sorted(l2) == list(range(1, 9))
-    for step in l1:  # logged to 4 decimals; grads are all-reduced in a different order than one sum
-        assert abs(l1[step] - l2[step]) <= 2e-4, (step, l1[step], l2[step])
-    f1, f2 = parse_final(one), parse_final(two)
-    assert abs(f1["val_bpb"] - f2["val_bpb"]) < 1e-4
-    # --eval of one artifact: two processes give the one-process number
-    ev1 = parse_final(run_script([TRAINER, "--eval", env2["ARTIFACT_PATH"]], env2, tmp_path).stdout)
-    ev2 = parse_final(run_script([TRAINER, "--eval", env2["ARTIFACT_PATH"]], env2, tmp_path, torchrun=2).stdout)
-    assert abs(ev1["val_bpb"] - ev2["val_bpb"]) <= 1e-7 and ev1["val_bpb"] == f2["val_bpb"]
+# torchrun (gloo) against one process: parity_tests/test_parity.py::test_torchrun_eval_and_training_equal_one_process
 
 
 def test_resume_equals_uninterrupted(tiny_data, tmp_path):

@@ -6,7 +6,7 @@ from conftest import ROOT, run_script, tiny_env
 from shared.artifact import load_artifact
 from shared.runlog import parse_final, parse_train_losses
 
-pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_train")
 TRAINER = str(ROOT / "mlx_train.py")
 
 

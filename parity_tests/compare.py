@@ -1,0 +1,128 @@
+"""Run one set of numpy weights through both frameworks and compare what comes out.
+
+Used by the parity test suite and by the user command (python -m parity_tests).
+Every comparison names the tensor and the max difference.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import mlx_train  # noqa: E402  (first: it must load its CPU BLAS before anything imports mlx)
+import cuda_train  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import torch  # noqa: E402
+
+from shared import bpb  # noqa: E402
+from shared.config import Hyperparameters  # noqa: E402
+from shared.model_spec import param_shapes  # noqa: E402
+
+# fp32 tolerances (STYLE.md): forward, loss, gradients.
+LOGITS_RTOL, LOGITS_ATOL = 1e-4, 1e-5
+LOSS_ATOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-4
+
+
+def random_state(cfg: Hyperparameters, seed: int = 0) -> dict[str, np.ndarray]:
+    """Non-trivial weights for every parameter (the real init zeroes projections, which hides bugs)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(("attn_scale", "mlp_scale", "q_gain")) or name == "skip_weights":
+            out[name] = 1.0 + 0.3 * rng.standard_normal(shape)
+        elif name.endswith("resid_mix"):
+            out[name] = np.stack([1.0 + 0.2 * rng.standard_normal(shape[1]), 0.3 * rng.standard_normal(shape[1])])
+        else:
+            out[name] = rng.standard_normal(shape) / np.sqrt(shape[-1])
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def torch_model(cfg: Hyperparameters, state: dict[str, np.ndarray], device: str = "cpu"):
+    return cuda_train.build_model(cfg, torch.device(device), state)
+
+
+def mlx_model(cfg: Hyperparameters, state: dict[str, np.ndarray], ops=None, dtype=mx.float32):
+    model = mlx_train.GPT(cfg, dtype, ops)
+    mlx_train.load_numpy_state(model, state)
+    return model
+
+
+def torch_logits(model, ids: np.ndarray, dtype=torch.float32) -> np.ndarray:
+    dev = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model.logits(torch.from_numpy(ids).to(dev)).float().cpu().numpy()
+
+
+def mlx_logits(model, ids: np.ndarray) -> np.ndarray:
+    return np.array(model.logits(mx.array(ids)))
+
+
+def torch_loss_and_grads(model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(torch.from_numpy(x), torch.from_numpy(y))
+    loss.backward()
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().numpy().copy()
+             for k, p in model.named_parameters()}  # unused (e.g. 0 skip weights): zero, as MLX reports
+    return float(loss.detach()), grads
+
+
+def mlx_loss_and_grads(model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    loss, grads = nn.value_and_grad(model, lambda a, b: model(a, b))(mx.array(x), mx.array(y))
+    return float(loss.item()), {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+def assert_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> None:
+    """np.allclose semantics; the message names the tensor, the max difference and where it is worst."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {got.shape} != {want.shape}")
+    excess = np.abs(got - want) - (atol + rtol * np.abs(want))
+    if np.any(excess > 0) or not np.all(np.isfinite(got)):
+        worst = np.unravel_index(int(np.argmax(excess)), excess.shape)
+        raise AssertionError(f"{name}: max abs diff {max_abs_diff(got, want):.3e} exceeds rtol={rtol} atol={atol} "
+                             f"(worst at {worst}: {got[worst]:.7g} vs {want[worst]:.7g})")
+
+
+@dataclass
+class Score:
+    val_loss: float
+    val_bpb: float
+    tokens: int
+    bytes: int
+
+
+def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables,
+                dtype=torch.float32) -> Score:
+    dev = next(model.parameters()).device
+
+    def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model.token_nll(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)).float().cpu().numpy()
+    return _score(fn, cfg, tokens, windows, tables)
+
+
+def score_mlx(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
+    def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        out = model.token_nll(mx.array(x), mx.array(y))
+        mx.eval(out)
+        return np.array(out)
+    return _score(fn, cfg, tokens, windows, tables)
+
+
+def _score(fn, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
+    batch = max(1, min(bpb.windows_per_batch(cfg.val_batch_size, cfg.train_seq_len), 4096 // cfg.train_seq_len))
+    acc = bpb.evaluate(fn, tokens, windows, cfg.train_seq_len, tables, batch)
+    return Score(acc.val_loss, acc.val_bpb, acc.tokens, acc.bytes)

@@ -1,0 +1,221 @@
+"""MLX and torch twins: the same weights give the same logits, gradients, steps, artifacts and scores."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_train")
+pytest.importorskip("torch")
+
+import mlx.core as mx  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import ROOT, TINY_VOCAB, run_script, tiny_env  # noqa: E402
+from parity_tests import compare as C  # noqa: E402
+from shared.artifact import load_artifact, save_artifact  # noqa: E402
+from shared.config import Hyperparameters  # noqa: E402
+from shared.model_spec import param_shapes  # noqa: E402
+from shared.runlog import parse_final, parse_train_losses  # noqa: E402
+
+import cuda_train  # noqa: E402
+import mlx_train  # noqa: E402
+
+BASE = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "32",
+                                 "TRAIN_BATCH_TOKENS": "1024", "MLX_MAX_MICROBATCH_TOKENS": "256"})
+# Every architecture option either trainer offers: tied/untied head, GQA/MHA, even/odd depth (skip count).
+VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv_heads": 4},
+            "odd_depth": {"num_layers": 3}, "single_kv": {"num_kv_heads": 1, "num_layers": 1}}
+MLX_OPS = {"composed": mlx_train.ComposedOps, "fused": mlx_train.FusedOps}
+
+
+def cfg_for(variant: str) -> Hyperparameters:
+    return dataclasses.replace(BASE, **VARIANTS[variant])
+
+
+def batch(cfg: Hyperparameters, n: int = 4, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(n, cfg.train_seq_len + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+# 1. name/shape contract
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_names_and_shapes_are_identical(variant):
+    cfg = cfg_for(variant)
+    t = {k: tuple(p.shape) for k, p in cuda_train.GPT(cfg).named_parameters()}
+    from mlx.utils import tree_flatten
+    m = {k: tuple(p.shape) for k, p in tree_flatten(mlx_train.GPT(cfg).parameters())}
+    assert t == m == param_shapes(cfg), {"only_torch": set(t) - set(m), "only_mlx": set(m) - set(t)}
+
+
+def check_forward(cfg: Hyperparameters, ops) -> None:
+    state = C.random_state(cfg)
+    x, y = batch(cfg)
+    tm, mm = C.torch_model(cfg, state), C.mlx_model(cfg, state, ops)
+    C.assert_close("logits", C.mlx_logits(mm, x), C.torch_logits(tm, x), C.LOGITS_RTOL, C.LOGITS_ATOL)
+    lt, _ = C.torch_loss_and_grads(tm, x, y)
+    lm, _ = C.mlx_loss_and_grads(mm, x, y)
+    assert abs(lt - lm) <= C.LOSS_ATOL, f"loss: torch {lt:.8f} mlx {lm:.8f} diff {abs(lt - lm):.3e}"
+
+
+# 2. forward
+@pytest.mark.parametrize("ops", MLX_OPS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_logits_and_loss_agree(variant, ops):
+    check_forward(cfg_for(variant), MLX_OPS[ops])
+
+
+def check_backward(cfg: Hyperparameters, ops) -> None:
+    state = C.random_state(cfg, seed=2)
+    x, y = batch(cfg, seed=3)
+    _, gt = C.torch_loss_and_grads(C.torch_model(cfg, state), x, y)
+    _, gm = C.mlx_loss_and_grads(C.mlx_model(cfg, state, ops), x, y)
+    assert set(gt) == set(gm)
+    for name in sorted(gt):
+        C.assert_close(f"grad {name}", gm[name], gt[name], C.GRAD_RTOL, C.GRAD_ATOL)
+
+
+# 3. backward
+@pytest.mark.parametrize("ops", MLX_OPS)
+@pytest.mark.parametrize("variant", ["tied_gqa", "untied", "odd_depth"])
+def test_gradients_agree(variant, ops):
+    check_backward(cfg_for(variant), MLX_OPS[ops])
+
+
+# 4. optimizer: two steps (momentum and Adam bias correction both matter on the second)
+@pytest.mark.parametrize("variant", ["tied_gqa", "untied"])
+def test_muon_and_adam_steps_agree(variant):
+    cfg = cfg_for(variant)
+    state = C.random_state(cfg, seed=4)
+    tm, mm = C.torch_model(cfg, state), C.mlx_model(cfg, state)
+    t_opts = cuda_train.build_optimizers(tm, cfg, torch.float32)
+    m_opts = mlx_train.build_optimizers(mm, cfg, mx.float32)
+    rng = np.random.default_rng(5)
+    for step in range(2):
+        grads = {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in state.items()}
+        for k, p in tm.named_parameters():
+            p.grad = torch.from_numpy(grads[k].copy())
+        for group in t_opts["matrix"].param_groups:
+            group["momentum"] = 0.9
+        for opt in t_opts.values():
+            opt.step()
+        m_opts["matrix"].momentum = 0.9
+        from mlx.utils import tree_flatten, tree_unflatten
+        params = dict(tree_flatten(mm.parameters()))
+        for opt in m_opts.values():
+            opt.update(params, {k: mx.array(v) for k, v in grads.items()})
+        mm.update(tree_unflatten(list(params.items())))
+        tw, mw = cuda_train.numpy_state(tm), mlx_train.numpy_state(mm)
+        for name in sorted(tw):
+            C.assert_close(f"step {step + 1} weight {name}", mw[name], tw[name], 1e-5, 1e-6)
+
+
+# 5. training
+def test_twenty_training_steps_agree(tiny_data, tmp_path):
+    """Same init (shared numpy), same tokens, 20 steps of each Trainer.
+
+    Tolerance 2e-4 per step: fp32 kernels sum in different orders (~1e-7 relative per op), the MLX CPU
+    ops use a polynomial exp (~1e-7), and Muon's Newton-Schulz can amplify tiny differences between
+    near-equal singular values. Measured: at most 9.1e-6 over 20 steps (demo data, vocab 1024, seq 32),
+    so 2e-4 leaves 20x headroom while a real drift (RoPE sign, eps, a missing term, a wrong learning
+    rate) moves the loss by far more within a few steps.
+    """
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=20, WARMUP_STEPS=0)
+    cfg = Hyperparameters.from_env(env)
+    from shared.runlog import RunLog
+    log = RunLog("parity", enabled=False)
+    t_tr = cuda_train.Trainer(cfg, cuda_train.setup_runtime(cfg), log)
+    m_tr = mlx_train.Trainer(cfg, log)
+    from shared.training import lr_multiplier
+    for step in range(20):
+        scale = lr_multiplier(cfg, step, 0.0)
+        lt, lm = t_tr.train_step(scale), m_tr.train_step(scale)
+        t_tr.step += 1
+        m_tr.step += 1
+        assert abs(lt - lm) <= 2e-4, f"step {step + 1}: torch loss {lt:.6f} mlx {lm:.6f} diff {abs(lt - lm):.3e}"
+
+
+# 6. artifacts, both directions
+@pytest.mark.parametrize("direction", ["torch_to_mlx", "mlx_to_torch"])
+def test_artifact_dequantizes_bit_identically_and_scores_the_same(tiny_data, tmp_path, direction):
+    env = tiny_env(tiny_data, tmp_path)
+    cfg = Hyperparameters.from_env(env)
+    state = C.random_state(cfg, seed=6)
+    source = C.torch_model(cfg, state) if direction == "torch_to_mlx" else C.mlx_model(cfg, state)
+    exported = cuda_train.numpy_state(source) if direction == "torch_to_mlx" else mlx_train.numpy_state(source)
+    path = tmp_path / "a.int8.zst"
+    save_artifact(path, exported, cfg)
+    loaded, _ = load_artifact(path)
+    tm, mm = C.torch_model(cfg, loaded), C.mlx_model(cfg, loaded)
+    tw, mw = cuda_train.numpy_state(tm), mlx_train.numpy_state(mm)
+    for name in loaded:
+        assert np.array_equal(tw[name], loaded[name]) and np.array_equal(mw[name], loaded[name]), name
+    data = cuda_train.load_eval_data(cfg)
+    st = C.score_torch(tm, cfg, data.tokens, data.windows, data.tables)
+    sm = C.score_mlx(mm, cfg, data.tokens, data.windows, data.tables)
+    assert (st.tokens, st.bytes) == (sm.tokens, sm.bytes)
+    assert abs(st.val_bpb - sm.val_bpb) <= 1e-6, f"val_bpb torch {st.val_bpb:.9f} mlx {sm.val_bpb:.9f}"
+
+
+# 7. end to end through the command lines
+@pytest.mark.parametrize("trainer,scorer", [("mlx_train.py", "cuda_train.py"), ("cuda_train.py", "mlx_train.py")])
+def test_command_lines_score_each_others_artifacts(tiny_data, tmp_path, trainer, scorer):
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=8)
+    trained = parse_final(run_script([str(ROOT / trainer)], env, tmp_path).stdout)
+    scored = parse_final(run_script([str(ROOT / scorer), "--eval", env["ARTIFACT_PATH"]], env, tmp_path).stdout)
+    assert abs(trained["val_bpb"] - scored["val_bpb"]) <= 1e-5, (trainer, trained, scorer, scored)
+
+
+# 8. distributed
+def test_torchrun_eval_and_training_equal_one_process(tiny_data, tmp_path):
+    one_env = tiny_env(tiny_data, tmp_path / "one", ITERATIONS=6)
+    two_env = tiny_env(tiny_data, tmp_path / "two", ITERATIONS=6)
+    trainer = str(ROOT / "cuda_train.py")
+    one = run_script([trainer], one_env, tmp_path).stdout
+    two = run_script([trainer], two_env, tmp_path, torchrun=2).stdout
+    l1, l2 = parse_train_losses(one), parse_train_losses(two)
+    assert sorted(l1) == sorted(l2) == list(range(1, 7))
+    for s in l1:  # logged at 4 decimals; the two sum gradients in a different order
+        assert abs(l1[s] - l2[s]) <= 2e-4, f"step {s}: 1 process {l1[s]} 2 processes {l2[s]}"
+    ev1 = parse_final(run_script([trainer, "--eval", two_env["ARTIFACT_PATH"]], two_env, tmp_path).stdout)
+    ev2 = parse_final(run_script([trainer, "--eval", two_env["ARTIFACT_PATH"]], two_env, tmp_path, torchrun=2).stdout)
+    assert abs(ev1["val_bpb"] - ev2["val_bpb"]) <= 1e-7, (ev1, ev2)
+    assert abs(parse_final(one)["val_bpb"] - ev1["val_bpb"]) <= 1e-4
+
+
+# The checks must catch a broken twin.
+def _flipped_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)  # +theta: the official MLX bug
+
+
+@pytest.mark.parametrize("fault", ["rope_sign", "rms_eps", "softcap"])
+def test_injected_faults_are_caught(monkeypatch, fault):
+    cfg = cfg_for("tied_gqa")
+    if fault == "rope_sign":
+        monkeypatch.setattr(mlx_train, "apply_rotary_emb", _flipped_rope)
+    elif fault == "rms_eps":
+        monkeypatch.setattr(mlx_train, "RMS_NORM_EPS", 1e-1)
+    else:
+        cfg = dataclasses.replace(cfg, logit_softcap=15.0)
+        orig = mlx_train.GPT.__init__
+
+        def init(self, c, *a, **k):
+            orig(self, dataclasses.replace(c, logit_softcap=30.0), *a, **k)
+        monkeypatch.setattr(mlx_train.GPT, "__init__", init)
+    with pytest.raises(AssertionError, match="logits: max abs diff"):
+        check_forward(cfg, mlx_train.ComposedOps)
+    with pytest.raises(AssertionError, match="grad "):
+        check_backward(cfg, mlx_train.ComposedOps)
+
+
+def test_user_command_reports_both_scores(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=3)
+    run_script([str(ROOT / "mlx_train.py")], env, tmp_path)
+    res = run_script(["-m", "parity_tests", env["ARTIFACT_PATH"], "--data-path", env["DATA_PATH"],
+                      "--tokenizer-path", env["TOKENIZER_PATH"], "--windows", "40"], env, ROOT)
+    assert "fp32 logits: max_abs_diff:" in res.stdout and "verdict:PASS" in res.stdout, res.stdout
+    line = next(l for l in res.stdout.splitlines() if l.startswith("fp32 val_bpb"))
+    assert "torch:" in line and "mlx:" in line and " ok (tol" in line, line
