@@ -12,7 +12,7 @@ line for line; the parameter contract lives in shared/model_spec.py.
 from __future__ import annotations
 
 import argparse
-import math
+import copy
 import os
 import resource
 import sys
@@ -29,12 +29,10 @@ from torch import Tensor, nn
 from shared import artifact, bpb
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import Hyperparameters, artifact_config_for_env
-from shared.data import TokenLoader, load_validation_tokens, train_pattern
+from shared.data import TokenLoader, train_pattern
 from shared.model_spec import group_lr, init_params, num_skip_weights, optimizer_group, param_shapes
-from shared.runlog import RunLog, final_lines, step_line, val_line
-from shared.tokenizer import ByteTables, build_byte_tables, load_tokenizer
-from shared.training import (NS_COEFFS, NS_EPS, lr_multiplier, muon_momentum, should_checkpoint, should_log_train,
-                             should_validate)
+from shared.runlog import RunLog, log_final
+from shared.training import NS_COEFFS, NS_EPS, muon_momentum, run_training
 
 # ---- numerics, written out (mlx_train.py uses the same constants) ----
 RMS_NORM_EPS = 1e-6  # explicit: library defaults differ by dtype and framework
@@ -221,9 +219,11 @@ class Muon(torch.optim.Optimizer):
     Ranks split the matrices round-robin and all-reduce the flat update (official scheme).
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
+                 compile_ns: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
         self.ns_dtype = ns_dtype
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -250,7 +250,7 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(p.grad)
         g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-        g = zeropower_via_newtonschulz5(g, group["backend_steps"], self.ns_dtype)
+        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
         return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
 
@@ -259,12 +259,12 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, ns_dtype: torch.dtype) ->
     groups: dict[str, list[Tensor]] = {}
     for name, p in model.named_parameters():
         groups.setdefault(optimizer_group(name, tuple(p.shape), cfg), []).append(p)
-    fused = next(model.parameters()).is_cuda
+    fused = next(model.parameters()).is_cuda  # fused Adam and compiled Newton-Schulz on CUDA only
     opts = {}
     for g, params in groups.items():
         lr = group_lr(g, cfg)
         if g == "matrix":
-            opts[g] = Muon(params, lr, cfg.muon_momentum, cfg.muon_backend_steps, ns_dtype)
+            opts[g] = Muon(params, lr, cfg.muon_momentum, cfg.muon_backend_steps, ns_dtype, fused and cfg.torch_compile)
         else:
             opts[g] = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
         for group in opts[g].param_groups:
@@ -326,51 +326,30 @@ def all_reduce_sum(values: np.ndarray, rt: Runtime) -> np.ndarray:
 
 
 # ---- evaluation ----
-@dataclass
-class EvalData:
-    tokens: np.ndarray
-    windows: np.ndarray
-    tables: ByteTables
-
-
-def load_eval_data(cfg: Hyperparameters) -> EvalData:
-    sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
-    tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
-    windows = bpb.eval_windows(tokens.size, cfg.train_seq_len, cfg.eval_stride)
-    return EvalData(tokens, windows, build_byte_tables(sp, cfg.vocab_size))
-
-
-def evaluate(model: GPT, cfg: Hyperparameters, data: EvalData, rt: Runtime, log=None) -> bpb.BpbAccumulator:
+def evaluate(model: GPT, cfg: Hyperparameters, data: bpb.EvalData, rt: Runtime, log=None) -> bpb.BpbAccumulator:
     def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         xt, yt = (torch.from_numpy(a).to(rt.device, non_blocking=True) for a in (x, y))
         with torch.inference_mode(), rt.autocast():
             return model.token_nll(xt, yt).float().cpu().numpy()
-
-    def progress(done: int, total: int) -> None:
-        if log is not None and (done == total or done % max(1, total // 10) == 0):
-            log(f"eval_progress:{done}/{total}")
 
     was_training = model.training
     model.eval()
     mine = bpb.shard_windows(data.windows, rt.rank, rt.world_size)
     batch = bpb.windows_per_batch(cfg.val_batch_size, cfg.train_seq_len)
     acc = bpb.evaluate(score, data.tokens, mine, cfg.train_seq_len, data.tables, batch,
-                       reduce_fn=lambda v: all_reduce_sum(v, rt), progress=progress)
+                       reduce_fn=lambda v: all_reduce_sum(v, rt), progress=bpb.progress_logger(log))
     model.train(was_training)
     return acc
 
 
-def score_artifact(path: str, cfg: Hyperparameters, data: EvalData, rt: Runtime, log) -> None:
+def score_artifact(path: str, cfg: Hyperparameters, data: bpb.EvalData, rt: Runtime, log) -> None:
     """Reload the artifact from disk, evaluate it, print the final lines (rank 0)."""
     state, _ = artifact.load_artifact(path)
     model = build_model(cfg, rt.device, state)
     t0 = time.perf_counter()
     acc = evaluate(model, cfg, data, rt)
     eval_ms = 1000.0 * (time.perf_counter() - t0)
-    report = artifact.size_report(path, __file__)
-    for line in final_lines(acc.tokens, acc.bytes, report.line(path), acc.val_loss, acc.val_bpb, eval_ms):
-        log(line)
-    report.check(path)
+    log_final(log, acc, path, __file__, eval_ms)
 
 
 def run_eval(path: str, rt_env: dict) -> None:
@@ -378,7 +357,7 @@ def run_eval(path: str, rt_env: dict) -> None:
     cfg = artifact_config_for_env(trained_cfg, rt_env, f"artifact {path}")
     rt = setup_runtime(cfg)
     log = RunLog(f"eval_{Path(path).stem}", enabled=rt.master)
-    score_artifact(path, cfg, load_eval_data(cfg), rt, log)
+    score_artifact(path, cfg, bpb.load_eval_data(cfg), rt, log)
 
 
 # ---- training ----
@@ -439,7 +418,7 @@ class Trainer:
         if self.cfg.warmup_steps <= 0:
             return
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        opt_states = {k: _clone_state(o.state_dict()) for k, o in self.opts.items()}
+        opt_states = {k: copy.deepcopy(o.state_dict()) for k, o in self.opts.items()}
         for i in range(self.cfg.warmup_steps):
             self.train_step(1.0)
             self.log(f"warmup_step:{i + 1}/{self.cfg.warmup_steps}")
@@ -503,11 +482,6 @@ class Trainer:
             self.log(f"checkpoint:{path} step:{self.step}")
 
 
-def _clone_state(state: dict) -> dict:
-    import copy
-    return copy.deepcopy(state)
-
-
 def reached_cap(cfg: Hyperparameters, rt: Runtime, train_ms: float) -> bool:
     """Wallclock cap, agreed across ranks (any rank over the cap stops all)."""
     over = cfg.max_wallclock_seconds > 0 and train_ms >= 1000.0 * cfg.max_wallclock_seconds
@@ -516,40 +490,6 @@ def reached_cap(cfg: Hyperparameters, rt: Runtime, train_ms: float) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         over = bool(flag.item())
     return over
-
-
-def train(tr: Trainer, data: EvalData) -> None:
-    cfg, rt, log = tr.cfg, tr.rt, tr.log
-    stop_after: int | None = None
-    rt.sync()
-    t0 = time.perf_counter()
-    while True:
-        last = tr.step == cfg.iterations or (stop_after is not None and tr.step >= stop_after)
-        if should_validate(cfg, tr.step, last):
-            rt.sync()
-            tr.train_ms += 1000.0 * (time.perf_counter() - t0)
-            acc = evaluate(tr.model, cfg, data, rt)
-            log(val_line(tr.step, cfg.iterations, acc.val_loss, acc.val_bpb, tr.train_ms))
-            rt.sync()
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and tr.step < cfg.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{tr.train_ms:.0f}ms step:{tr.step}/{cfg.iterations}")
-            return
-        elapsed = tr.train_ms + 1000.0 * (time.perf_counter() - t0)
-        loss = tr.train_step(lr_multiplier(cfg, tr.step, elapsed))
-        tr.step += 1
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"train_loss is {loss} at step {tr.step}; stopping. The last good checkpoint "
-                                     f"(if CHECKPOINT_EVERY>0) is {cfg.resolved_checkpoint_path()}")
-        now_ms = tr.train_ms + 1000.0 * (time.perf_counter() - t0)
-        if should_log_train(cfg, tr.step, stop_after is not None):
-            log(step_line(tr.step, cfg.iterations, loss, now_ms))
-        if should_checkpoint(cfg, tr.step):
-            tr.train_ms, t0 = now_ms, time.perf_counter()
-            tr.save(cfg.resolved_checkpoint_path(tr.step))
-        if stop_after is None and reached_cap(cfg, rt, now_ms):
-            stop_after = tr.step
 
 
 def peak_memory_line(rt: Runtime) -> str:
@@ -574,14 +514,15 @@ def main(argv: list[str] | None = None) -> None:
     rt = setup_runtime(cfg)
     log = RunLog(cfg.run_id, enabled=rt.master)
     log.header(__file__, cfg, f"torch-{torch.__version__} device:{rt.device} world:{rt.world_size} dtype:{rt.dtype}")
-    data = load_eval_data(cfg)  # fails fast on a bad tokenizer or a short validation split
+    data = bpb.load_eval_data(cfg)  # fails fast on a bad tokenizer or a short validation split
     tr = Trainer(cfg, rt, log)
     if args.resume:
         tr.restore(*load_checkpoint(args.resume, cfg))
         log(f"resumed:{args.resume} step:{tr.step}")
     else:
         tr.prime()
-    train(tr, data)
+    run_training(tr, cfg, log, lambda: evaluate(tr.model, cfg, data, rt), rt.sync,
+                 lambda ms: reached_cap(cfg, rt, ms))
     log(peak_memory_line(rt))
     path = cfg.resolved_artifact_path()
     if rt.master:

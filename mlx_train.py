@@ -57,12 +57,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 from shared import artifact, bpb
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import Hyperparameters, artifact_config_for_env
-from shared.data import TokenLoader, load_validation_tokens, train_pattern
+from shared.data import TokenLoader, train_pattern
 from shared.model_spec import group_lr, init_params, num_skip_weights, optimizer_group
-from shared.runlog import RunLog, final_lines, step_line, val_line
-from shared.tokenizer import ByteTables, build_byte_tables, load_tokenizer
-from shared.training import (NS_COEFFS, NS_EPS, lr_multiplier, muon_momentum, should_checkpoint, should_log_train,
-                             should_validate)
+from shared.runlog import RunLog, log_final
+from shared.training import NS_COEFFS, NS_EPS, muon_momentum, run_training
 
 CUDA_TRAINER = Path(__file__).resolve().with_name("cuda_train.py")  # what ships, hence what code_bytes counts
 
@@ -414,21 +412,7 @@ def peak_memory_line() -> str:
 
 
 # ---- evaluation ----
-@dataclass
-class EvalData:
-    tokens: np.ndarray
-    windows: np.ndarray
-    tables: ByteTables
-
-
-def load_eval_data(cfg: Hyperparameters) -> EvalData:
-    sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
-    tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
-    windows = bpb.eval_windows(tokens.size, cfg.train_seq_len, cfg.eval_stride)
-    return EvalData(tokens, windows, build_byte_tables(sp, cfg.vocab_size))
-
-
-def evaluate(model: GPT, cfg: Hyperparameters, data: EvalData, log=None) -> bpb.BpbAccumulator:
+def evaluate(model: GPT, cfg: Hyperparameters, data: bpb.EvalData, log=None) -> bpb.BpbAccumulator:
     """Scores each batch in chunks of MLX_MAX_MICROBATCH_TOKENS, evaluated one by one: bounded memory."""
     chunk = max(1, cfg.mlx_max_microbatch_tokens // cfg.train_seq_len)
     nll_fn = mx.compile(model.token_nll) if cfg.mlx_compile else model.token_nll
@@ -441,32 +425,26 @@ def evaluate(model: GPT, cfg: Hyperparameters, data: EvalData, log=None) -> bpb.
             parts.append(np.array(out))
         return np.concatenate(parts)
 
-    def progress(done: int, total: int) -> None:
-        if log is not None and (done == total or done % max(1, total // 10) == 0):
-            log(f"eval_progress:{done}/{total}")
-
     batch = bpb.windows_per_batch(cfg.val_batch_size, cfg.train_seq_len)
-    return bpb.evaluate(score, data.tokens, data.windows, cfg.train_seq_len, data.tables, batch, progress=progress)
+    return bpb.evaluate(score, data.tokens, data.windows, cfg.train_seq_len, data.tables, batch,
+                        progress=bpb.progress_logger(log))
 
 
-def score_artifact(path: str, cfg: Hyperparameters, data: EvalData, log) -> None:
+def score_artifact(path: str, cfg: Hyperparameters, data: bpb.EvalData, log) -> None:
     """Reload the artifact from disk, evaluate it, print the final lines."""
     state, _ = artifact.load_artifact(path)
     model = build_model(cfg, state, compute_dtype(cfg))
     t0 = time.perf_counter()
     acc = evaluate(model, cfg, data, log)
     eval_ms = 1000.0 * (time.perf_counter() - t0)
-    report = artifact.size_report(path, CUDA_TRAINER)
-    for line in final_lines(acc.tokens, acc.bytes, report.line(path), acc.val_loss, acc.val_bpb, eval_ms):
-        log(line)
-    report.check(path)
+    log_final(log, acc, path, str(CUDA_TRAINER), eval_ms)
 
 
 def run_eval(path: str, env: dict) -> None:
     _, trained_cfg = artifact.load_artifact(path)
     cfg = artifact_config_for_env(trained_cfg, env, f"artifact {path}")
     log = RunLog(f"eval_{Path(path).stem}")
-    score_artifact(path, cfg, load_eval_data(cfg), log)
+    score_artifact(path, cfg, bpb.load_eval_data(cfg), log)
 
 
 # ---- training ----
@@ -557,37 +535,6 @@ class Trainer:
         self.log(f"checkpoint:{path} step:{self.step}")
 
 
-def train(tr: Trainer, data: EvalData) -> None:
-    cfg, log = tr.cfg, tr.log
-    stop_after: int | None = None
-    t0 = time.perf_counter()
-    while True:
-        last = tr.step == cfg.iterations or (stop_after is not None and tr.step >= stop_after)
-        if should_validate(cfg, tr.step, last):
-            tr.train_ms += 1000.0 * (time.perf_counter() - t0)
-            acc = evaluate(tr.model, cfg, data)
-            log(val_line(tr.step, cfg.iterations, acc.val_loss, acc.val_bpb, tr.train_ms))
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and tr.step < cfg.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{tr.train_ms:.0f}ms step:{tr.step}/{cfg.iterations}")
-            return
-        elapsed = tr.train_ms + 1000.0 * (time.perf_counter() - t0)
-        loss = tr.train_step(lr_multiplier(cfg, tr.step, elapsed))
-        tr.step += 1
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"train_loss is {loss} at step {tr.step}; stopping. The last good checkpoint "
-                                     f"(if CHECKPOINT_EVERY>0) is {cfg.resolved_checkpoint_path()}")
-        now_ms = tr.train_ms + 1000.0 * (time.perf_counter() - t0)
-        if should_log_train(cfg, tr.step, stop_after is not None):
-            log(step_line(tr.step, cfg.iterations, loss, now_ms))
-        if should_checkpoint(cfg, tr.step):
-            tr.train_ms, t0 = now_ms, time.perf_counter()
-            tr.save(cfg.resolved_checkpoint_path(tr.step))
-        if stop_after is None and cfg.max_wallclock_seconds > 0 and now_ms >= 1000.0 * cfg.max_wallclock_seconds:
-            stop_after = tr.step
-
-
 def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="MLX trainer (config from env vars, see shared/config.py)")
     ap.add_argument("--eval", metavar="ARTIFACT", help="only score this artifact on DATA_PATH's validation split")
@@ -603,14 +550,14 @@ def main(argv: list[str] | None = None) -> None:
     log = RunLog(cfg.run_id)
     log.header(__file__, cfg, f"mlx-{mx.__version__} device:{mx.default_device()} dtype:{compute_dtype(cfg)} "
                               f"ops:{select_ops(cfg).__name__} cpu_blas:{CPU_BLAS}")
-    data = load_eval_data(cfg)  # fails fast on a bad tokenizer or a short validation split
+    data = bpb.load_eval_data(cfg)  # fails fast on a bad tokenizer or a short validation split
     tr = Trainer(cfg, log)
     if args.resume:
         tr.restore(*load_checkpoint(args.resume, cfg))
         log(f"resumed:{args.resume} step:{tr.step}")
     else:
         tr.prime()
-    train(tr, data)
+    run_training(tr, cfg, log, lambda: evaluate(tr.model, cfg, data))
     log(peak_memory_line())
     path = cfg.resolved_artifact_path()
     artifact.save_artifact(path, numpy_state(tr.model), cfg)

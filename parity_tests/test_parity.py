@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from conftest import ROOT, TINY_VOCAB, run_script, tiny_env  # noqa: E402
 from parity_tests import compare as C  # noqa: E402
+from shared import bpb  # noqa: E402
 from shared.artifact import load_artifact, save_artifact  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
 from shared.model_spec import param_shapes  # noqa: E402
@@ -151,7 +152,7 @@ def test_artifact_dequantizes_bit_identically_and_scores_the_same(tiny_data, tmp
     tw, mw = cuda_train.numpy_state(tm), mlx_train.numpy_state(mm)
     for name in loaded:
         assert np.array_equal(tw[name], loaded[name]) and np.array_equal(mw[name], loaded[name]), name
-    data = cuda_train.load_eval_data(cfg)
+    data = bpb.load_eval_data(cfg)
     st = C.score_torch(tm, cfg, data.tokens, data.windows, data.tables)
     sm = C.score_mlx(mm, cfg, data.tokens, data.windows, data.tables)
     assert (st.tokens, st.bytes) == (sm.tokens, sm.bytes)

@@ -20,8 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from shared.config import MICRO_BATCHES_PER_STEP
-from shared.tokenizer import ByteTables
+from shared.config import MICRO_BATCHES_PER_STEP, Hyperparameters
+from shared.data import load_validation_tokens
+from shared.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ReduceFn = Callable[[np.ndarray], np.ndarray]
@@ -107,3 +108,27 @@ def evaluate(score_fn: ScoreFn, tokens: np.ndarray, windows: np.ndarray, seq_len
     if reduce_fn is not None:
         acc.totals = np.asarray(reduce_fn(acc.totals.copy()), dtype=np.float64)
     return acc
+
+
+@dataclass
+class EvalData:
+    """Validation tokens, their window schedule and the byte tables: all a trainer needs to score."""
+    tokens: np.ndarray
+    windows: np.ndarray
+    tables: ByteTables
+
+
+def load_eval_data(cfg: Hyperparameters) -> EvalData:
+    """Fails fast, naming the variable, on a missing/mismatched tokenizer or a too-short split."""
+    sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
+    tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
+    windows = eval_windows(tokens.size, cfg.train_seq_len, cfg.eval_stride)
+    return EvalData(tokens, windows, build_byte_tables(sp, cfg.vocab_size))
+
+
+def progress_logger(log: Callable[[str], None] | None) -> Callable[[int, int], None]:
+    """Logs eval_progress:done/total about every 10% (a long evaluation must not look hung)."""
+    def progress(done: int, total: int) -> None:
+        if log is not None and (done == total or done % max(1, total // 10) == 0):
+            log(f"eval_progress:{done}/{total}")
+    return progress

@@ -1,9 +1,11 @@
 """Full training-state checkpoints in a framework-neutral file (safetensors + JSON metadata).
 
-Tensors: "param:{name}" (fp32 weights) and "opt:{name}:{slot}" (optimizer state),
-plus any "rng:{what}" byte tensors; metadata: step, data position, elapsed
-training time, Adam step counts and the config. Written atomically, so a crash
-mid-write keeps the previous checkpoint.
+Tensors: "param:{name}" (fp32 weights) and "opt:{name}:{slot}" (optimizer state:
+Muon "momentum"; Adam "m", "v", "step"); metadata: step, data position (shard,
+offset), elapsed training time and the config. The same names in both trainers,
+so a run can resume in either. No RNG state: after the numpy init from SEED,
+training draws no random numbers (no dropout, fixed data order). Written
+atomically, so a crash mid-write keeps the previous checkpoint.
 """
 from __future__ import annotations
 

@@ -51,6 +51,15 @@ def final_lines(tokens: int, n_bytes: int, size_line: str, val_loss: float, val_
             f"final_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{eval_ms:.0f}ms"]
 
 
+def log_final(log, acc, artifact_path: str, trainer_path: str, eval_ms: float) -> None:
+    """The three closing lines of a run or an --eval, then the byte cap enforced (after the score is out)."""
+    from shared.artifact import size_report
+    report = size_report(artifact_path, trainer_path)
+    for line in final_lines(acc.tokens, acc.bytes, report.line(artifact_path), acc.val_loss, acc.val_bpb, eval_ms):
+        log(line)
+    report.check(artifact_path)
+
+
 _FINAL = re.compile(r"final_roundtrip_exact val_loss:(?P<val_loss>[0-9.]+) val_bpb:(?P<val_bpb>[0-9.]+)")
 _TRAIN = re.compile(r"^step:(?P<step>\d+)/\d+ train_loss:(?P<loss>[0-9.naif]+)", re.M)
 

@@ -1,7 +1,12 @@
-"""Framework-free pieces of the training loop that both trainers must agree on."""
+"""The framework-free training loop and schedules that both trainers must agree on."""
 from __future__ import annotations
 
+import math
+import time
+from typing import Callable, Protocol
+
 from shared.config import Hyperparameters
+from shared.runlog import step_line, val_line
 
 
 def lr_multiplier(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
@@ -46,3 +51,55 @@ def should_checkpoint(cfg: Hyperparameters, step: int) -> bool:
 # as in the official baseline): 5 steps push singular values into about [0.7, 1.2].
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+
+
+class TrainerLike(Protocol):
+    """What the loop needs from a framework's trainer."""
+    step: int
+    train_ms: float
+
+    def train_step(self, lr_scale: float) -> float: ...
+    def save(self, path: str) -> None: ...
+
+
+def run_training(tr: TrainerLike, cfg: Hyperparameters, log: Callable[[str], None], evaluate: Callable[[], object],
+                 sync: Callable[[], None] = lambda: None,
+                 over_cap: Callable[[float], bool] | None = None) -> None:
+    """The official loop: validate on schedule, step, log, checkpoint, stop at ITERATIONS or the wallclock cap.
+
+    train_ms counts only training: validation and checkpoint writes are excluded. over_cap(train_ms)
+    lets a distributed trainer agree on the cap across ranks.
+    """
+    over_cap = over_cap or (lambda ms: cfg.max_wallclock_seconds > 0 and ms >= 1000.0 * cfg.max_wallclock_seconds)
+    stop_after, last_ckpt = None, None
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last = tr.step == cfg.iterations or (stop_after is not None and tr.step >= stop_after)
+        if should_validate(cfg, tr.step, last):
+            sync()
+            tr.train_ms += 1000.0 * (time.perf_counter() - t0)
+            acc = evaluate()
+            log(val_line(tr.step, cfg.iterations, acc.val_loss, acc.val_bpb, tr.train_ms))
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            if stop_after is not None and tr.step < cfg.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{tr.train_ms:.0f}ms step:{tr.step}/{cfg.iterations}")
+            return
+        loss = tr.train_step(lr_multiplier(cfg, tr.step, tr.train_ms + 1000.0 * (time.perf_counter() - t0)))
+        tr.step += 1
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train_loss is {loss} at step {tr.step}; stopping. Last good checkpoint: "
+                                     f"{last_ckpt or 'none written (CHECKPOINT_EVERY=0 or none due yet)'}")
+        now_ms = tr.train_ms + 1000.0 * (time.perf_counter() - t0)
+        if should_log_train(cfg, tr.step, stop_after is not None):
+            log(step_line(tr.step, cfg.iterations, loss, now_ms))
+        if should_checkpoint(cfg, tr.step):
+            tr.train_ms = now_ms
+            last_ckpt = cfg.resolved_checkpoint_path(tr.step)
+            tr.save(last_ckpt)
+            t0 = time.perf_counter()
+            now_ms = tr.train_ms
+        if stop_after is None and over_cap(now_ms):
+            stop_after = tr.step
