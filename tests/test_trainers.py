@@ -1,0 +1,134 @@
+"""Both trainers on CPU (fp32): training, artifacts, eval mode, resume, bad inputs. Same checks for each."""
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_script, tiny_env
+from shared.artifact import load_artifact
+from shared.data import write_shard
+from shared.runlog import parse_final, parse_train_losses
+
+TRAINERS = ["cuda_train.py", "mlx_train.py"]
+
+
+@pytest.fixture(scope="module", params=TRAINERS)
+def trained(request, tiny_data, tmp_path_factory):
+    if request.param == "mlx_train.py":
+        pytest.importorskip("mlx_train")
+    tmp = tmp_path_factory.mktemp(request.param.split(".")[0])
+    env = tiny_env(tiny_data, tmp, ITERATIONS=30)
+    trainer = str(ROOT / request.param)
+    return {"env": env, "out": run_script([trainer], env, tmp).stdout, "tmp": tmp, "trainer": trainer}
+
+
+def test_loss_falls_and_final_lines_parse(trained):
+    losses = parse_train_losses(trained["out"])
+    assert sorted(losses) == list(range(1, 31))
+    assert losses[30] < losses[1] - 0.8, losses
+    assert 0 < parse_final(trained["out"])["val_bpb"] < 8
+    assert "val_tokens:" in trained["out"] and "limit:16000000" in trained["out"]
+
+
+def test_artifact_round_trips_and_eval_mode_repeats_the_score(trained):
+    path = trained["env"]["ARTIFACT_PATH"]
+    state, cfg = load_artifact(path)
+    assert cfg.num_layers == 2 and cfg.vocab_size == 384 and "blocks.1.mlp.fc.weight" in state
+    out = run_script([trained["trainer"], "--eval", path], trained["env"], trained["tmp"]).stdout
+    assert parse_final(out) == parse_final(trained["out"])
+
+
+def test_eval_rejects_a_config_the_artifact_was_not_trained_with(trained):
+    env = dict(trained["env"], NUM_LAYERS="3")
+    res = run_script([trained["trainer"], "--eval", trained["env"]["ARTIFACT_PATH"]], env, trained["tmp"], check=False)
+    assert res.returncode != 0 and "NUM_LAYERS=2" in res.stderr and "NUM_LAYERS=3" in res.stderr
+
+
+def test_eval_rejects_a_corrupt_artifact(trained, tmp_path):
+    bad = tmp_path / "bad.zst"
+    bad.write_bytes(open(trained["env"]["ARTIFACT_PATH"], "rb").read()[:-100])
+    res = run_script([trained["trainer"], "--eval", str(bad)], trained["env"], tmp_path, check=False)
+    assert res.returncode != 0 and "truncated or corrupt" in res.stderr
+
+
+def _trainer(name: str) -> str:
+    if name == "mlx_train.py":
+        pytest.importorskip("mlx_train")
+    return str(ROOT / name)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, name):
+    trainer, ck = _trainer(name), str(tmp_path / "ck_{step}.ckpt")
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=12, CHECKPOINT_EVERY=6, CHECKPOINT_PATH=ck)
+    full = run_script([trainer], env, tmp_path).stdout
+    env_b = dict(env, ARTIFACT_PATH=str(tmp_path / "resumed.int8.zst"), CHECKPOINT_PATH=str(tmp_path / "r_{step}.ckpt"))
+    resumed = run_script([trainer, "--resume", ck.format(step=6)], env_b, tmp_path).stdout
+    lf, lr = parse_train_losses(full), parse_train_losses(resumed)
+    assert sorted(lr) == list(range(7, 13))
+    assert all(lf[s] == lr[s] for s in lr), (lf, lr)
+    assert parse_final(full) == parse_final(resumed)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_resume_rejects_a_different_model(tiny_data, tmp_path, name):
+    trainer = _trainer(name)
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=2, CHECKPOINT_EVERY=2, CHECKPOINT_PATH=str(tmp_path / "c.ckpt"))
+    run_script([trainer], env, tmp_path)
+    res = run_script([trainer, "--resume", str(tmp_path / "c.ckpt")], dict(env, MODEL_DIM="32"), tmp_path, check=False)
+    assert res.returncode != 0 and "MODEL_DIM=64" in res.stderr
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, name):
+    ck = tmp_path / "c.ckpt"
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=10, CHECKPOINT_EVERY=1, CHECKPOINT_PATH=str(ck),
+                   MATRIX_LR="1e15", SCALAR_LR="1e15")
+    res = run_script([_trainer(name)], env, tmp_path, check=False)
+    assert res.returncode != 0 and ("non-finite" in res.stderr or "train_loss is nan" in res.stderr), res.stderr[-2000:]
+    if ck.exists():
+        from safetensors.numpy import load_file
+        assert all(np.isfinite(v).all() for v in load_file(ck).values())
+
+
+BAD_INPUTS = [
+    ({"DATA_PATH": "/nonexistent/data"}, "prepare.py"),
+    ({"VOCAB_SIZE": "512"}, "VOCAB_SIZE=512"),
+    ({"TOKENIZER_PATH": "/nonexistent/tok.model"}, "TOKENIZER_PATH"),
+    ({"NUM_HEADS": "3"}, "MODEL_DIM"),
+]
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS)
+def test_bad_inputs_are_clear_errors(tiny_data, tmp_path, name, overrides, message):
+    res = run_script([_trainer(name)], tiny_env(tiny_data, tmp_path, **overrides), tmp_path, check=False)
+    assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_short_validation_split_is_a_clear_error(tiny_data, tmp_path, name):
+    data = tmp_path / "short"
+    data.mkdir()
+    train = (ROOT / tiny_data["DATA_PATH"] / "fineweb_train_000000.bin").read_bytes()
+    (data / "fineweb_train_000000.bin").write_bytes(train)
+    write_shard(data / "fineweb_val_000000.bin", np.arange(20, dtype=np.uint16))
+    res = run_script([_trainer(name)], tiny_env(tiny_data, tmp_path, DATA_PATH=str(data)), tmp_path, check=False)
+    assert res.returncode != 0 and "fewer than one window" in res.stderr
+
+
+def test_world_size_must_divide_8(tiny_data, tmp_path):
+    res = run_script([str(ROOT / "cuda_train.py")], tiny_env(tiny_data, tmp_path, WORLD_SIZE="3"), tmp_path, check=False)
+    assert res.returncode != 0 and "WORLD_SIZE=3" in res.stderr
+
+
+def test_mlx_microbatch_chunking_does_not_change_training(tiny_data, tmp_path):
+    """Chunks of 1 sequence vs whole slots: the same tokens, the same step (up to fp32 summation order)."""
+    trainer = _trainer("mlx_train.py")
+    a = run_script([trainer], tiny_env(tiny_data, tmp_path / "a", ITERATIONS=5, MLX_MAX_MICROBATCH_TOKENS=32), tmp_path)
+    b = run_script([trainer], tiny_env(tiny_data, tmp_path / "b", ITERATIONS=5, MLX_MAX_MICROBATCH_TOKENS=256), tmp_path)
+    la, lb = parse_train_losses(a.stdout), parse_train_losses(b.stdout)
+    assert all(abs(la[s] - lb[s]) <= 2e-4 for s in la), (la, lb)
+
+
+def test_mlx_ops_knob_is_validated(tiny_data, tmp_path):
+    res = run_script([_trainer("mlx_train.py")], tiny_env(tiny_data, tmp_path, MLX_OPS="fast"), tmp_path, check=False)
+    assert res.returncode != 0 and "MLX_OPS" in res.stderr
