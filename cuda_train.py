@@ -513,7 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Hyperparameters.from_env(os.environ)
     rt = setup_runtime(cfg)
     log = RunLog(cfg.run_id, enabled=rt.master)
-    log.header(__file__, cfg, f"torch-{torch.__version__} device:{rt.device} world:{rt.world_size} dtype:{rt.dtype}")
+    gpu = torch.cuda.get_device_name(rt.device).replace(" ", "_") if rt.device.type == "cuda" else "none"
+    log.header(__file__, cfg, f"torch-{torch.__version__} device:{rt.device} gpu:{gpu} world:{rt.world_size} "
+                              f"dtype:{rt.dtype}")
     data = bpb.load_eval_data(cfg)  # fails fast on a bad tokenizer or a short validation split
     tr = Trainer(cfg, rt, log)
     if args.resume:

@@ -192,7 +192,12 @@ class SizeReport:
 
 
 def code_files(trainer_path: str | os.PathLike) -> list[Path]:
-    """The CUDA trainer plus the shared modules it runs with (the code that ships)."""
+    """The CUDA trainer plus the shared modules it runs with (the code that ships).
+
+    Inside a bundled train_gpt.py (shared/bundle.py) every module lives in that one file.
+    """
+    if globals().get("__bundled__"):
+        return [Path(trainer_path).resolve()]
     shared_dir = Path(__file__).resolve().parent
     return [Path(trainer_path).resolve()] + [shared_dir / m for m in RUNTIME_SHARED_MODULES]
 

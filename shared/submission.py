@@ -1,0 +1,202 @@
+"""From run logs to a records/ folder, with the byte cap, time limits and statistics checked.
+
+    python -m shared.submission --logs L1 L2 L3 --artifact A --name NAME --author AUTHOR \\
+        --github-id ID --out DIR [--sota BPB] [--track 10min_16mb|non_record_16mb] [--compress]
+
+Writes DIR/train_gpt.py (shared/bundle.py), DIR/submission.json (every number
+parsed from the logs), DIR/README.md and the logs; prints one `check:` line per
+rule and exits 1 when any fails. Run the seeds with the train_gpt.py this
+writes (python -m shared.bundle first): each log starts with the source that
+ran, and the check `logged_source` compares it with what ships.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import shutil
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shared.artifact import BYTE_LIMIT
+from shared.bundle import bundle_source
+from shared.fsutil import atomic_write_text
+from shared.stats import one_sided_t_test
+
+TIME_LIMIT_S = 600.0
+MIN_SEEDS = 3
+NAT_MARGIN = 0.005  # required improvement over SOTA, in nats
+P_THRESHOLD = 0.01
+SEPARATOR = "=" * 100
+
+
+@dataclass
+class RunResult:
+    log: str
+    seed: int
+    val_loss: float
+    val_bpb: float
+    val_tokens: int
+    val_bytes: int
+    artifact_bytes: int
+    code_bytes: int
+    train_ms: float
+    eval_ms: float
+    backend: str
+    source: str
+
+
+def _find(pattern: str, text: str, path: Path, what: str) -> re.Match:
+    matches = list(re.finditer(pattern, text, re.M))
+    if not matches:
+        raise ValueError(f"log {path}: no {what} line (did the run finish?)")
+    return matches[-1]
+
+
+def parse_log(path: str | Path) -> RunResult:
+    """The numbers of one finished run, from its log (logs/RUN_ID.txt)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    source = text.split("\n" + SEPARATOR + "\n", 1)[0] if SEPARATOR in text else ""  # RunLog.header's layout
+    cfg = json.loads(_find(r"^config:(\{.*\})$", text, path, "config").group(1))
+    final = _find(r"^final_roundtrip_exact val_loss:([0-9.]+) val_bpb:([0-9.]+) eval_time:(\d+)ms", text, path, "final")
+    counts = _find(r"^val_tokens:(\d+) val_bytes:(\d+)$", text, path, "val_tokens")
+    size = _find(r"^artifact:\S+ artifact_bytes:(\d+) code_bytes:(\d+)", text, path, "artifact")
+    train = _find(r"^step:\d+/\d+ .*train_time:(\d+)ms", text, path, "train_time")
+    backend = _find(r"^backend:(.*)$", text, path, "backend").group(1)
+    return RunResult(str(path), int(cfg["seed"]), float(final.group(1)), float(final.group(2)), int(counts.group(1)),
+                     int(counts.group(2)), int(size.group(1)), int(size.group(2)), float(train.group(1)),
+                     float(final.group(3)), backend, source)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"check:{self.name} {'PASS' if self.ok else 'FAIL'} {self.detail}"
+
+
+def check_runs(runs: list[RunResult], shipped: str, artifact_bytes: int, track: str) -> list[Check]:
+    code = len(shipped.encode("utf-8"))
+    checks = []
+    timed = track == "10min_16mb"
+    for r in runs:
+        name = Path(r.log).name
+        if timed:
+            checks.append(Check(f"train_time[{name}]", r.train_ms <= 1000 * TIME_LIMIT_S, f"{r.train_ms / 1000:.1f}s <= {TIME_LIMIT_S:.0f}s"))
+            checks.append(Check(f"eval_time[{name}]", r.eval_ms <= 1000 * TIME_LIMIT_S, f"{r.eval_ms / 1000:.1f}s <= {TIME_LIMIT_S:.0f}s"))
+        total = code + r.artifact_bytes
+        checks.append(Check(f"bytes[{name}]", total <= BYTE_LIMIT, f"code {code} + artifact {r.artifact_bytes} = {total} <= {BYTE_LIMIT}"))
+        checks.append(Check(f"logged_source[{name}]", r.source == shipped,
+                            "the log's source is the shipped train_gpt.py" if r.source == shipped else
+                            f"the log was produced by other code ({len(r.source.encode())} bytes, logged code_bytes "
+                            f"{r.code_bytes}) than the shipped train_gpt.py ({code} bytes)"))
+    checks.append(Check("bytes[artifact]", code + artifact_bytes <= BYTE_LIMIT,
+                        f"code {code} + artifact {artifact_bytes} = {code + artifact_bytes} <= {BYTE_LIMIT}"))
+    seeds = sorted({r.seed for r in runs})
+    checks.append(Check("seeds", len(seeds) >= MIN_SEEDS and len(seeds) == len(runs),
+                        f"{len(seeds)} distinct seeds {seeds} in {len(runs)} logs (need >= {MIN_SEEDS}, one log each)"))
+    counts = {(r.val_tokens, r.val_bytes) for r in runs}
+    checks.append(Check("val_counts", len(counts) == 1, f"(tokens, bytes) across seeds: {sorted(counts)}"))
+    return checks
+
+
+def significance(runs: list[RunResult], sota_bpb: float) -> list[Check]:
+    """Improvement over SOTA read both ways: nats per token (val_loss units) and nats per byte."""
+    if len(runs) < 2:
+        return [Check("significance", False, f"a t-test needs >= 2 seeds, got {len(runs)}")]
+    per_byte = [(sota_bpb - r.val_bpb) * math.log(2.0) for r in runs]
+    per_token = [d * r.val_bytes / r.val_tokens for d, r in zip(per_byte, runs)]
+    out = []
+    for name, deltas in (("improvement_nats_per_token", per_token), ("improvement_nats_per_byte", per_byte)):
+        mean, t, p = one_sided_t_test(deltas, NAT_MARGIN)
+        out.append(Check(name, p < P_THRESHOLD, f"mean {mean:.5f} nats vs margin {NAT_MARGIN} (SOTA {sota_bpb} bpb): "
+                                                f"t={t:.3f} one-sided p={p:.4g} (need < {P_THRESHOLD})"))
+    return out
+
+
+def submission_json(args: argparse.Namespace, runs: list[RunResult], code: int, artifact_bytes: int,
+                    checks: list[Check]) -> dict:
+    bpbs = [r.val_bpb for r in runs]
+    torch_version = re.search(r"torch-(\S+)", runs[0].backend)
+    ok = {c.name: c.ok for c in checks}
+    return {
+        "author": args.author, "github_id": args.github_id, "name": args.name,
+        "date": datetime.date.today().isoformat(), "track": f"track_{args.track}",
+        "val_bpb": statistics.fmean(bpbs), "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
+        "val_loss": statistics.fmean(r.val_loss for r in runs), "seeds": [r.seed for r in runs],
+        "seed_results": {str(r.seed): {"val_bpb": r.val_bpb, "val_loss": r.val_loss, "artifact_bytes": r.artifact_bytes,
+                                       "train_time_s": r.train_ms / 1000, "eval_time_s": r.eval_ms / 1000,
+                                       "log": Path(r.log).name} for r in runs},
+        "bytes_total": code + artifact_bytes, "bytes_code": code, "hardware": runs[0].backend,
+        "pytorch_version": torch_version.group(1) if torch_version else None,
+        "technique_summary": args.summary,
+        "compliance": {"train_under_600s": all(v for k, v in ok.items() if k.startswith("train_time")),
+                       "eval_under_600s": all(v for k, v in ok.items() if k.startswith("eval_time")),
+                       "under_16mb": all(v for k, v in ok.items() if k.startswith("bytes")),
+                       "three_seeds": ok["seeds"], "logged_source_matches": all(
+                           v for k, v in ok.items() if k.startswith("logged_source")),
+                       "significant": ok.get("improvement_nats_per_token")},
+    }
+
+
+def readme(meta: dict, checks: list[Check]) -> str:
+    rows = "\n".join(f"| {s} | {r['val_bpb']:.8f} | {r['val_loss']:.8f} | {r['artifact_bytes']} | "
+                     f"{r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |" for s, r in meta["seed_results"].items())
+    return (f"# {meta['name']}\n\nval_bpb **{meta['val_bpb']:.5f}** ± {meta['val_bpb_std']:.5f} over "
+            f"{len(meta['seeds'])} seeds; {meta['bytes_total']} bytes ({meta['bytes_code']} code).\n\n"
+            f"## Technique\n\n{meta['technique_summary'] or 'TODO: describe what changed and why.'}\n\n"
+            f"## Results\n\n| seed | val_bpb | val_loss | artifact bytes | train s | eval s |\n|---|---|---|---|---|---|\n"
+            f"{rows}\n\n## Reproduce\n\n    torchrun --standalone --nproc_per_node=8 train_gpt.py   # SEED=... per run\n\n"
+            f"## Checks\n\n" + "\n".join(f"- `{c.line()}`" for c in checks) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m shared.submission", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--logs", nargs="+", required=True)
+    ap.add_argument("--artifact", required=True)
+    for flag in ("--name", "--author", "--github-id", "--out"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--sota", type=float, help="current SOTA val_bpb to beat (runs the t-tests)")
+    ap.add_argument("--track", choices=("10min_16mb", "non_record_16mb"), default="10min_16mb")
+    ap.add_argument("--compress", action="store_true", help="ship the self-extracting compressed bundle")
+    ap.add_argument("--summary", default="", help="technique summary for submission.json and the README")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = [parse_log(p) for p in args.logs]
+    shipped = bundle_source(compress=args.compress)
+    compile(shipped, "train_gpt.py", "exec")  # the bundle must at least compile
+    artifact_bytes = Path(args.artifact).stat().st_size
+    checks = check_runs(runs, shipped, artifact_bytes, args.track)
+    if args.sota is not None:
+        checks += significance(runs, args.sota)
+    out = Path(args.out)
+    atomic_write_text(out / "train_gpt.py", shipped)
+    meta = submission_json(args, runs, len(shipped.encode("utf-8")), artifact_bytes, checks)
+    atomic_write_text(out / "submission.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "README.md", readme(meta, checks))
+    for r in runs:
+        shutil.copyfile(r.log, out / Path(r.log).name)
+    for c in checks:
+        print(c.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"submission:{out} checks:{len(checks)} failed:{len(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
