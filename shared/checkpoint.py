@@ -25,7 +25,7 @@ CHECKPOINT_FORMAT = "parameter-golf-checkpoint-v1"
 # Fields a resumed run may change: logging, paths, the stopping point and speed knobs.
 RESUMABLE_CHANGES = ("run_id", "iterations", "val_loss_every", "train_log_every", "checkpoint_every",
                      "checkpoint_path", "artifact_path", "max_wallclock_seconds", "torch_compile", "mlx_compile",
-                     "mlx_ops", "mlx_max_microbatch_tokens")
+                     "mlx_ops", "mlx_max_microbatch_tokens", "mlx_streams")
 
 
 def save_checkpoint(path: str | os.PathLike, cfg: Hyperparameters, tensors: dict[str, np.ndarray], meta: dict) -> None:

@@ -72,6 +72,7 @@ class Hyperparameters:
     mlx_max_microbatch_tokens: int = 8192
     mlx_compile: bool = True
     mlx_ops: str = "auto"  # auto | fused | composed: see mlx_train.select_ops
+    mlx_streams: int = 0  # chunks computed concurrently; 0 = auto (1 on Metal, one per CPU core up to 4)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], base: "Hyperparameters | None" = None) -> "Hyperparameters":
@@ -113,7 +114,7 @@ class Hyperparameters:
             _require(getattr(self, name) > 0, name, "must be > 0")
         for name in ("val_loss_every", "train_log_every", "warmdown_iters", "warmup_steps",
                      "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
-                     "eval_stride", "checkpoint_every", "adam_eps", "tied_embed_init_std"):
+                     "eval_stride", "checkpoint_every", "adam_eps", "tied_embed_init_std", "mlx_streams"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("rope_base", "logit_softcap", "qk_gain_init"):
             _require(getattr(self, name) > 0, name, "must be > 0")
