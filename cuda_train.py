@@ -30,7 +30,7 @@ from shared import artifact, bpb
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import Hyperparameters, artifact_config_for_env
 from shared.data import TokenLoader, train_pattern
-from shared.model_spec import group_lr, init_params, num_skip_weights, optimizer_group, param_shapes
+from shared.model_spec import group_lr, init_params, num_skip_weights, optimizer_group
 from shared.runlog import RunLog, log_final
 from shared.training import NS_COEFFS, NS_EPS, muon_momentum, run_training
 

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 import mlx.core as mx  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import ROOT, TINY_VOCAB, run_script, tiny_env  # noqa: E402
+from conftest import ROOT, run_script, tiny_env  # noqa: E402
 from parity_tests import compare as C  # noqa: E402
 from shared import bpb  # noqa: E402
 from shared.artifact import load_artifact, save_artifact  # noqa: E402

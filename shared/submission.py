@@ -19,7 +19,7 @@ import re
 import shutil
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.artifact import BYTE_LIMIT
