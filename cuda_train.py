@@ -11,7 +11,6 @@ line for line; the parameter contract lives in shared/model_spec.py.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import resource
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from shared import artifact, bpb
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.config import Hyperparameters, artifact_config_for_env
+from shared.config import Hyperparameters, artifact_config_for_env, parse_trainer_cli
 from shared.data import TokenLoader, train_pattern
 from shared.model_spec import group_lr, init_params, num_skip_weights, optimizer_group
 from shared.runlog import RunLog, log_final
@@ -499,15 +498,8 @@ def peak_memory_line(rt: Runtime) -> str:
     return f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
 
 
-def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="PyTorch trainer (config from env vars, see shared/config.py)")
-    ap.add_argument("--eval", metavar="ARTIFACT", help="only score this artifact on DATA_PATH's validation split")
-    ap.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from a checkpoint")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_cli(argv)
+    args = parse_trainer_cli("PyTorch", argv)
     if args.eval:
         return run_eval(args.eval, dict(os.environ))
     cfg = Hyperparameters.from_env(os.environ)

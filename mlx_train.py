@@ -12,7 +12,6 @@ cuda_train.py class for class and line for line.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import glob
 import math
@@ -55,7 +54,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from shared import artifact, bpb
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.config import Hyperparameters, artifact_config_for_env
+from shared.config import Hyperparameters, artifact_config_for_env, parse_trainer_cli
 from shared.data import TokenLoader, train_pattern
 from shared.model_spec import group_lr, init_params, num_skip_weights, optimizer_group
 from shared.runlog import RunLog, log_final
@@ -597,15 +596,8 @@ class Trainer:
         self.log(f"checkpoint:{path} step:{self.step}")
 
 
-def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="MLX trainer (config from env vars, see shared/config.py)")
-    ap.add_argument("--eval", metavar="ARTIFACT", help="only score this artifact on DATA_PATH's validation split")
-    ap.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from a checkpoint")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_cli(argv)
+    args = parse_trainer_cli("MLX", argv)
     if args.eval:
         return run_eval(args.eval, dict(os.environ))
     cfg = Hyperparameters.from_env(os.environ)

@@ -10,6 +10,7 @@ PRESET=tiny (or baseline) swaps the defaults; explicit env vars still win.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -207,3 +208,11 @@ def _parse_bool(name: str, raw: Any) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name}={raw!r} is not a boolean (use 0 or 1)")
+
+
+def parse_trainer_cli(backend: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line both trainers share; everything else is env vars (Hyperparameters)."""
+    ap = argparse.ArgumentParser(description=f"{backend} trainer (config from env vars, see shared/config.py)")
+    ap.add_argument("--eval", metavar="ARTIFACT", help="only score this artifact on DATA_PATH's validation split")
+    ap.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from a checkpoint")
+    return ap.parse_args(argv)
