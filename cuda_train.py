@@ -316,6 +316,13 @@ def setup_runtime(cfg: Hyperparameters) -> Runtime:
     return Runtime(rank, world, local_rank, device, dtype)
 
 
+def finish(rt: Runtime) -> None:
+    """All ranks leave together: a rank that tears down gloo while another still uses it aborts at exit."""
+    if rt.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(values: np.ndarray, rt: Runtime) -> np.ndarray:
     if rt.world_size == 1:
         return values
@@ -357,6 +364,7 @@ def run_eval(path: str, rt_env: dict) -> None:
     rt = setup_runtime(cfg)
     log = RunLog(f"eval_{Path(path).stem}", enabled=rt.master)
     score_artifact(path, cfg, bpb.load_eval_data(cfg), rt, log)
+    finish(rt)
 
 
 # ---- training ----
@@ -524,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     if rt.world_size > 1:
         dist.barrier()
     score_artifact(path, cfg, data, rt, log)
+    finish(rt)
 
 
 if __name__ == "__main__":
