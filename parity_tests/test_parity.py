@@ -220,3 +220,17 @@ def test_user_command_reports_both_scores(tiny_data, tmp_path):
     assert "fp32 logits: max_abs_diff:" in res.stdout and "verdict:PASS" in res.stdout, res.stdout
     line = next(l for l in res.stdout.splitlines() if l.startswith("fp32 val_bpb"))
     assert "torch:" in line and "mlx:" in line and " ok (tol" in line, line
+
+
+def test_a_torch_checkpoint_resumes_in_mlx(tiny_data, tmp_path):
+    """Checkpoints are framework-neutral: MLX continues a torch run to the same losses."""
+    ck = str(tmp_path / "ck_{step}.ckpt")
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=10, CHECKPOINT_EVERY=5, CHECKPOINT_PATH=ck)
+    torch_run = run_script([str(ROOT / "cuda_train.py")], env, tmp_path).stdout
+    env_m = dict(env, ARTIFACT_PATH=str(tmp_path / "m.int8.zst"), CHECKPOINT_PATH=str(tmp_path / "m_{step}.ckpt"))
+    mlx_run = run_script([str(ROOT / "mlx_train.py"), "--resume", ck.format(step=5)], env_m, tmp_path).stdout
+    lt, lm = parse_train_losses(torch_run), parse_train_losses(mlx_run)
+    assert sorted(lm) == list(range(6, 11))
+    for s in lm:  # logged at 4 decimals
+        assert abs(lt[s] - lm[s]) <= 2e-4, f"step {s}: torch {lt[s]} mlx (resumed) {lm[s]}"
+    assert abs(parse_final(torch_run)["val_bpb"] - parse_final(mlx_run)["val_bpb"]) <= 1e-4
