@@ -13,8 +13,10 @@ _SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "
 def read_jsonl(paths: list[Path]) -> list[str]:
     docs = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        _check_file(path)
+        with open(path, "rb") as f:  # bytes split at b"\n" only: JSON strings may hold raw U+2028
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -30,7 +32,7 @@ def read_jsonl(paths: list[Path]) -> list[str]:
 def read_text(paths: list[Path], split: str) -> list[str]:
     docs = []
     for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_utf8(path)
         if split == "file":
             docs.append(text)
         elif split == "line":
@@ -38,6 +40,28 @@ def read_text(paths: list[Path], split: str) -> list[str]:
         else:
             docs.extend(_blank_line_blocks(text))
     return _nonempty(docs, paths)
+
+
+def read_utf8(path: Path) -> str:
+    _check_file(path)
+    return _decode(Path(path).read_bytes(), path, 1)
+
+
+def _check_file(path: Path) -> None:
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory, not a text file")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+
+
+def _decode(data: bytes, path: Path, first_line: int) -> str:
+    """UTF-8 text; the error names the file and the place (a bare UnicodeDecodeError names neither)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        col = exc.start - data.rfind(b"\n", 0, exc.start)  # 1-based: rfind gives -1 on the first line
+        raise ValueError(f"{path}: not UTF-8 text: line {line}, byte {col} is 0x{data[exc.start]:02x}") from None
 
 
 def _blank_line_blocks(text: str) -> list[str]:

@@ -3,7 +3,9 @@
 Same layout and overrides as the official downloader: MATCHED_FINEWEB_REPO_ID
 (default willdepueoai/parameter-golf) and MATCHED_FINEWEB_REMOTE_ROOT_PREFIX
 (default datasets). Files already present and valid are skipped; every shard
-is checked against its header (and against the remote size when known).
+is checked against its header (and against the remote size when known). After a
+complete download the dataset folder gets its manifest.json (the downloaded
+tokenizer's sha256, see shared/manifest.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import shutil
 from pathlib import Path
 
 from shared.data import read_shard_header
+from shared.manifest import write_manifest
+from shared.tokenizer import load_tokenizer
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_PREFIX = "datasets"
@@ -92,8 +96,24 @@ def fetch_variant(variant: str, train_shards: int, out_root: Path) -> int:
         _fetch(hub, repo_id, remote, dest)
         if not is_valid_local(dest, sizes.get(remote)):
             raise ValueError(f"{dest}: downloaded file fails verification (size or shard header)")
+    write_download_manifest([local_path_for_remote(f, prefix, out_root) for f in files], variant, repo_id)
     print(f"done: {len(files)} files for {variant} under {out_root}")
     return 0
+
+
+def write_download_manifest(local_files: list[Path], variant: str, repo_id: str) -> None:
+    """manifest.json for the downloaded shards, recording the downloaded tokenizer's sha256."""
+    shards = [p for p in local_files if p.suffix == ".bin"]
+    toks = sorted((p for p in local_files if p.suffix != ".bin"), key=lambda p: p.suffix != ".model")
+    if not toks or not shards:
+        print(f"note: the {variant} export lists no tokenizer or no shards; no manifest.json written", flush=True)
+        return
+    tok = toks[0]
+    # byte260 ships no SentencePiece model: its vocab size is in its name
+    vocab = (load_tokenizer(str(tok)).vocab_size() if tok.suffix == ".model"
+             else int(variant.removeprefix("byte").removeprefix("sp")))
+    write_manifest(shards[0].parent, tok, vocab_size=vocab, name=shards[0].parent.name,
+                   source=f"huggingface:{repo_id}")
 
 
 def _hub():

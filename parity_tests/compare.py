@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import mlx_train  # noqa: E402  (first: it must load its CPU BLAS before anything imports mlx)
-import cuda_train  # noqa: E402
+import mlx_model as mlx_model_mod  # noqa: E402  (first: it loads a CPU BLAS before anything imports mlx)
+import torch_model as torch_model_mod  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import torch  # noqa: E402
 
 from shared import bpb  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
-from shared.model_spec import param_shapes  # noqa: E402
+from shared.spec import param_table  # noqa: E402
 
 # fp32 tolerances (STYLE.md): forward, loss, gradients.
 LOGITS_RTOL, LOGITS_ATOL = 1e-4, 1e-5
@@ -34,29 +34,28 @@ def random_state(cfg: Hyperparameters, seed: int = 0) -> dict[str, np.ndarray]:
     """Non-trivial weights for every parameter (the real init zeroes projections, which hides bugs)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith(("attn_scale", "mlp_scale", "q_gain")) or name == "skip_weights":
-            out[name] = 1.0 + 0.3 * rng.standard_normal(shape)
-        elif name.endswith("resid_mix"):
-            out[name] = np.stack([1.0 + 0.2 * rng.standard_normal(shape[1]), 0.3 * rng.standard_normal(shape[1])])
+    for p in param_table(cfg):
+        if p.init in ("ones", "const"):  # gains: around their init value, away from it
+            out[p.name] = (p.value if p.init == "const" else 1.0) + 0.3 * rng.standard_normal(p.shape)
+        elif p.init == "resid_mix":
+            out[p.name] = np.stack([1.0 + 0.2 * rng.standard_normal(p.shape[1]),
+                                    0.3 * rng.standard_normal(p.shape[1])])
         else:
-            out[name] = rng.standard_normal(shape) / np.sqrt(shape[-1])
+            out[p.name] = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def torch_model(cfg: Hyperparameters, state: dict[str, np.ndarray], device: str = "cpu"):
-    return cuda_train.build_model(cfg, torch.device(device), state)
+def torch_model(cfg: Hyperparameters, state: dict[str, np.ndarray], device: str = "cpu", dtype=torch.float32):
+    return torch_model_mod.build_model(cfg, torch.device(device), state, dtype)
 
 
 def mlx_model(cfg: Hyperparameters, state: dict[str, np.ndarray], ops=None, dtype=mx.float32):
-    model = mlx_train.GPT(cfg, dtype, ops)
-    mlx_train.load_numpy_state(model, state)
-    return model
+    return mlx_model_mod.build_model(cfg, state, dtype, ops)
 
 
-def torch_logits(model, ids: np.ndarray, dtype=torch.float32) -> np.ndarray:
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     dev = next(model.parameters()).device
-    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.no_grad():
         return model.logits(torch.from_numpy(ids).to(dev)).float().cpu().numpy()
 
 
@@ -104,12 +103,11 @@ class Score:
     bytes: int
 
 
-def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables,
-                dtype=torch.float32) -> Score:
+def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
     dev = next(model.parameters()).device
 
     def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.no_grad():
             return model.token_nll(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)).float().cpu().numpy()
     return _score(fn, cfg, tokens, windows, tables)
 

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-pytest.importorskip("mlx_train")
+pytest.importorskip("mlx_model")
 pytest.importorskip("torch")
 
 import mlx.core as mx  # noqa: E402
@@ -16,19 +16,31 @@ from conftest import ROOT, run_script, tiny_env  # noqa: E402
 from parity_tests import compare as C  # noqa: E402
 from shared import bpb  # noqa: E402
 from shared.artifact import load_artifact, save_artifact  # noqa: E402
-from shared.config import Hyperparameters  # noqa: E402
-from shared.model_spec import param_shapes  # noqa: E402
+from shared.config import Hyperparameters, fields_with_role  # noqa: E402
+from shared.spec import param_shapes  # noqa: E402
 from shared.runlog import parse_final, parse_train_losses  # noqa: E402
 
+import mlx_cpu_ops  # noqa: E402
+import mlx_model  # noqa: E402
+import mlx_optim  # noqa: E402
+import torch_model  # noqa: E402
+import torch_optim  # noqa: E402
 import cuda_train  # noqa: E402
 import mlx_train  # noqa: E402
+from shared import loop  # noqa: E402
+from shared.data import TokenLoader, train_pattern  # noqa: E402
+from shared.schedule import lr_multiplier  # noqa: E402
+from shared.spec import init_params  # noqa: E402
 
 BASE = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "32",
                                  "TRAIN_BATCH_TOKENS": "1024", "MLX_MAX_MICROBATCH_TOKENS": "256"})
-# Every architecture option either trainer offers: tied/untied head, GQA/MHA, even/odd depth (skip count).
+# Every architecture option either trainer offers: tied/untied head, GQA/MHA, even/odd depth (skip count),
+# and every other model-tagged knob away from its default (test_every_model_field_has_a_parity_variant).
 VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv_heads": 4},
-            "odd_depth": {"num_layers": 3}, "single_kv": {"num_kv_heads": 1, "num_layers": 1}}
-MLX_OPS = {"composed": mlx_train.ComposedOps, "fused": mlx_train.FusedOps}
+            "odd_depth": {"num_layers": 3}, "single_kv": {"num_kv_heads": 1, "num_layers": 1},
+            "wide_mlp": {"mlp_mult": 3, "model_dim": 96, "num_heads": 6, "num_kv_heads": 3},
+            "rope_softcap": {"rope_base": 500.0, "logit_softcap": 8.0, "vocab_size": 96}}
+MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 
 def cfg_for(variant: str) -> Hyperparameters:
@@ -40,14 +52,23 @@ def batch(cfg: Hyperparameters, n: int = 4, seed: int = 1) -> tuple[np.ndarray, 
     return ids[:, :-1], ids[:, 1:]
 
 
-# 1. name/shape contract
+# 1. name/shape contract: both models hold exactly the rows of shared/spec.py's table
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_names_and_shapes_are_identical(variant):
     cfg = cfg_for(variant)
-    t = {k: tuple(p.shape) for k, p in cuda_train.GPT(cfg).named_parameters()}
+    t = {k: tuple(p.shape) for k, p in torch_model.GPT(cfg).named_parameters()}
     from mlx.utils import tree_flatten
-    m = {k: tuple(p.shape) for k, p in tree_flatten(mlx_train.GPT(cfg).parameters())}
-    assert t == m == param_shapes(cfg), {"only_torch": set(t) - set(m), "only_mlx": set(m) - set(t)}
+    m = {k: tuple(p.shape) for k, p in tree_flatten(mlx_model.GPT(cfg).parameters())}
+    table = param_shapes(cfg)
+    assert t == m == table, {"only_torch": set(t) - set(table), "only_mlx": set(m) - set(table),
+                             "only_table": set(table) - set(t) - set(m)}
+
+
+def test_every_model_field_has_a_parity_variant():
+    """A new architecture knob must come with a variant that moves it, or no parity test covers it."""
+    values = {name: {getattr(cfg_for(v), name) for v in VARIANTS} for name in fields_with_role("model")}
+    unexercised = sorted(name.upper() for name, seen in values.items() if len(seen) < 2)
+    assert not unexercised, f"model knobs no parity variant changes: {unexercised}"
 
 
 def check_forward(cfg: Hyperparameters, ops) -> None:
@@ -87,29 +108,28 @@ def test_gradients_agree(variant, ops):
 # 4. optimizer: two steps (momentum and Adam bias correction both matter on the second)
 @pytest.mark.parametrize("variant", ["tied_gqa", "untied"])
 def test_muon_and_adam_steps_agree(variant):
-    cfg = cfg_for(variant)
+    cfg = dataclasses.replace(cfg_for(variant), grad_clip_norm=0.5)  # clipping active: random grads are larger
     state = C.random_state(cfg, seed=4)
-    tm, mm = C.torch_model(cfg, state), C.mlx_model(cfg, state)
-    t_opts = cuda_train.build_optimizers(tm, cfg, torch.float32)
-    m_opts = mlx_train.build_optimizers(mm, cfg, mx.float32)
+    check_optimizer_steps(cfg, state)
+
+
+def check_optimizer_steps(cfg: Hyperparameters, state: dict, lr_scale: float = 0.7) -> None:
+    t_opts = torch_optim.Optimizers(tm := C.torch_model(cfg, state), cfg, torch.float32)
+    m_opts = mlx_optim.Optimizers(mm := C.mlx_model(cfg, state), cfg, mx.float32)
     rng = np.random.default_rng(5)
     for step in range(2):
         grads = {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in state.items()}
         for k, p in tm.named_parameters():
             p.grad = torch.from_numpy(grads[k].copy())
-        for group in t_opts["matrix"].param_groups:
-            group["momentum"] = 0.9
-        for opt in t_opts.values():
-            opt.step()
-        m_opts["matrix"].momentum = 0.9
-        from mlx.utils import tree_flatten, tree_unflatten
-        params = dict(tree_flatten(mm.parameters()))
-        for opt in m_opts.values():
-            opt.update(params, {k: mx.array(v) for k, v in grads.items()})
-        mm.update(tree_unflatten(list(params.items())))
-        tw, mw = cuda_train.numpy_state(tm), mlx_train.numpy_state(mm)
+        t_opts.step(lr_scale, 0.9)
+        m_opts.step({k: mx.array(v) for k, v in grads.items()}, lr_scale, 0.9)
+        tw, mw = torch_model.numpy_state(tm), mlx_model.numpy_state(mm)
         for name in sorted(tw):
             C.assert_close(f"step {step + 1} weight {name}", mw[name], tw[name], 1e-5, 1e-6)
+    ts, ms = t_opts.slots(), m_opts.slots()
+    for name in sorted(ts):
+        for slot in ts[name]:
+            C.assert_close(f"optimizer slot {name}:{slot}", ms[name][slot], ts[name][slot], 1e-5, 1e-6)
 
 
 # 5. training
@@ -122,18 +142,17 @@ def test_twenty_training_steps_agree(tiny_data, tmp_path):
     so 2e-4 leaves 20x headroom while a real drift (RoPE sign, eps, a missing term, a wrong learning
     rate) moves the loss by far more within a few steps.
     """
-    env = tiny_env(tiny_data, tmp_path, ITERATIONS=20, WARMUP_STEPS=0)
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=20, WARMUP_STEPS=0, GRAD_CLIP_NORM=1.0)
     cfg = Hyperparameters.from_env(env)
-    from shared.runlog import RunLog
-    log = RunLog("parity", enabled=False)
-    t_tr = cuda_train.Trainer(cfg, cuda_train.setup_runtime(cfg), log)
-    m_tr = mlx_train.Trainer(cfg, log)
-    from shared.training import lr_multiplier
+    runs = []
+    for make in (cuda_train.TorchBackend, mlx_train.MLXBackend):
+        be = make(cfg)
+        be.build(cfg, init_params(cfg), train=True)
+        runs.append((be, loop.TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), 0, 1, cfg.vocab_size))))
     for step in range(20):
         scale = lr_multiplier(cfg, step, 0.0)
-        lt, lm = t_tr.train_step(scale), m_tr.train_step(scale)
-        t_tr.step += 1
-        m_tr.step += 1
+        (bt, st_t), (bm, st_m) = runs
+        lt, lm = loop.one_step(bt, st_t, cfg, scale), loop.one_step(bm, st_m, cfg, scale)
         assert abs(lt - lm) <= 2e-4, f"step {step + 1}: torch loss {lt:.6f} mlx {lm:.6f} diff {abs(lt - lm):.3e}"
 
 
@@ -144,12 +163,12 @@ def test_artifact_dequantizes_bit_identically_and_scores_the_same(tiny_data, tmp
     cfg = Hyperparameters.from_env(env)
     state = C.random_state(cfg, seed=6)
     source = C.torch_model(cfg, state) if direction == "torch_to_mlx" else C.mlx_model(cfg, state)
-    exported = cuda_train.numpy_state(source) if direction == "torch_to_mlx" else mlx_train.numpy_state(source)
+    exported = torch_model.numpy_state(source) if direction == "torch_to_mlx" else mlx_model.numpy_state(source)
     path = tmp_path / "a.int8.zst"
     save_artifact(path, exported, cfg)
     loaded, _ = load_artifact(path)
     tm, mm = C.torch_model(cfg, loaded), C.mlx_model(cfg, loaded)
-    tw, mw = cuda_train.numpy_state(tm), mlx_train.numpy_state(mm)
+    tw, mw = torch_model.numpy_state(tm), mlx_model.numpy_state(mm)
     for name in loaded:
         assert np.array_equal(tw[name], loaded[name]) and np.array_equal(mw[name], loaded[name]), name
     data = bpb.load_eval_data(cfg)
@@ -196,20 +215,57 @@ def _flipped_rope(x, cos, sin):
 def test_injected_faults_are_caught(monkeypatch, fault):
     cfg = cfg_for("tied_gqa")
     if fault == "rope_sign":
-        monkeypatch.setattr(mlx_train, "apply_rotary_emb", _flipped_rope)
+        monkeypatch.setattr(mlx_model, "apply_rotary_emb", _flipped_rope)
     elif fault == "rms_eps":
-        monkeypatch.setattr(mlx_train, "RMS_NORM_EPS", 1e-1)
+        monkeypatch.setattr(mlx_model, "RMS_NORM_EPS", 1e-1)
     else:
         cfg = dataclasses.replace(cfg, logit_softcap=15.0)
-        orig = mlx_train.GPT.__init__
+        orig = mlx_model.GPT.__init__
 
         def init(self, c, *a, **k):
             orig(self, dataclasses.replace(c, logit_softcap=30.0), *a, **k)
-        monkeypatch.setattr(mlx_train.GPT, "__init__", init)
+        monkeypatch.setattr(mlx_model.GPT, "__init__", init)
     with pytest.raises(AssertionError, match="logits: max abs diff"):
-        check_forward(cfg, mlx_train.ComposedOps)
+        check_forward(cfg, mlx_cpu_ops.ComposedOps)
     with pytest.raises(AssertionError, match="grad "):
-        check_backward(cfg, mlx_train.ComposedOps)
+        check_backward(cfg, mlx_cpu_ops.ComposedOps)
+
+
+def _per_tensor_clip(grads, max_norm):
+    """A plausible port of clipping: each tensor clipped alone instead of the global norm."""
+    return {k: g * mx.minimum(max_norm / (mx.sqrt(mx.sum(g * g)) + 1e-6), 1.0) for k, g in grads.items()}
+
+
+def _plain_momentum_update(self, params, grads):
+    """Muon without Nesterov: the update is the buffer, not grad + momentum * buffer."""
+    for n in self.names:
+        buf = self.state.setdefault(n, {}).get("momentum", mx.zeros_like(grads[n])) * self.momentum + grads[n]
+        self.state[n]["momentum"] = buf
+        g = mlx_optim.zeropower_via_newtonschulz5(buf, self.backend_steps, self.ns_dtype)
+        params[n] = params[n] - self.lr * g * max(1.0, g.shape[0] / g.shape[1]) ** 0.5
+
+
+def _uncorrected_adam_update(self, params, grads):
+    """Adam without bias correction (a common hand-port slip)."""
+    for n in self.names:
+        st = self.state.setdefault(n, {"m": mx.zeros_like(params[n]), "v": mx.zeros_like(params[n]), "step": 0.0})
+        st["step"] += 1.0
+        st["m"] = st["m"] + (1.0 - self.beta1) * (grads[n] - st["m"])
+        st["v"] = st["v"] * self.beta2 + (1.0 - self.beta2) * (grads[n] * grads[n])
+        params[n] = params[n] - self.lr * (st["m"] / (mx.sqrt(st["v"]) + self.eps))
+
+
+@pytest.mark.parametrize("fault", ["per_tensor_clip", "no_nesterov", "no_bias_correction"])
+def test_injected_optimizer_faults_are_caught(monkeypatch, fault):
+    cfg = dataclasses.replace(cfg_for("untied"), grad_clip_norm=0.5)
+    if fault == "per_tensor_clip":
+        monkeypatch.setattr(mlx_optim, "clip_grad_norm", _per_tensor_clip)
+    elif fault == "no_nesterov":
+        monkeypatch.setattr(mlx_optim.Muon, "update", _plain_momentum_update)
+    else:
+        monkeypatch.setattr(mlx_optim.Adam, "update", _uncorrected_adam_update)
+    with pytest.raises(AssertionError, match="weight|slot"):
+        check_optimizer_steps(cfg, C.random_state(cfg, seed=4))
 
 
 def test_user_command_reports_both_scores(tiny_data, tmp_path):

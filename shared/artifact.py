@@ -1,22 +1,16 @@
-"""The one artifact format: int8 weights in safetensors, zstandard-compressed.
+"""The one artifact container: quantized tensors in safetensors, zstandard-compressed.
 
-File = one zstd frame (with content checksum) holding a safetensors buffer:
-  q:{name}      int8 (rows, cols)  per-row quantized matrix
-  scale:{name}  float16 (rows,)    its per-row scales
-  float:{name}  float16 | float32  tensors kept as floats
-metadata: format, format_version, quant_scheme, config (JSON), tensors (JSON:
-kind, shape, dtype per name) and payload_sha256 (over the tensors, canonical order).
+File = one zstd frame (with content checksum) holding a safetensors buffer whose
+tensors are what the quant scheme wrote (shared/quant/) and whose metadata holds:
+format, format_version, quant_scheme, config (JSON), tensors (the scheme's JSON
+index), tokenizer_sha256 (the .model file the weights were trained with, "" when
+unknown) and payload_sha256 over all of it (tensors in canonical order, config,
+index, scheme, tokenizer hash), so a changed config is as detectable as a flipped
+weight. Version 1 files (hash over tensors only, no tokenizer hash) still load.
 
-Quantization is the official baseline's int8 scheme, done here in numpy so both
-frameworks produce and read identical bits:
-- float tensors with <= 65,536 elements are kept: control tensors in fp32, the
-  rest in fp16;
-- matrices: per row, clip |w| at its 99.99984th percentile, scale =
-  max(clip/127, 1/127) stored in fp16, q = round(w/scale) in [-127, 127];
-- other large tensors: one fp32 scale per tensor.
-
-    save_artifact(path, state, cfg)      # atomic
-    state, cfg = load_artifact(path)     # float32 numpy arrays by name
+    save_artifact(path, state, cfg, tokenizer_sha256)   # checks, then writes atomically
+    state, cfg = load_artifact(path)                    # float32 numpy arrays by name
+    art = read_artifact(path)                           # .state .cfg .tokenizer_sha256
 """
 from __future__ import annotations
 
@@ -32,101 +26,86 @@ import zstandard
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from shared import quant
 from shared.config import Hyperparameters
 from shared.fsutil import atomic_write_bytes
-from shared.model_spec import CONTROL_TENSOR_NAME_PATTERNS
+from shared.shipped import code_bytes, code_files
+from shared.spec import param_table
 
 FORMAT_NAME = "parameter-golf-artifact"
-FORMAT_VERSION = 1
-QUANT_SCHEME = "int8_per_row_fp16_scale_v1"
-KEEP_FLOAT_MAX_NUMEL = 65_536
-CLIP_Q = 99.99984 / 100.0
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 # Level 22 measured smallest on baseline-shaped int8 state (bench/compression.py); ~1-2 s is paid once.
 ZSTD_LEVEL = 22
 BYTE_LIMIT = 16_000_000  # decimal cap on code bytes + artifact bytes
-# Every source file the CUDA trainer needs at run time (what ships and counts as code).
-RUNTIME_SHARED_MODULES = ("__init__.py", "artifact.py", "bpb.py", "config.py", "data.py", "fsutil.py",
-                          "model_spec.py", "runlog.py", "checkpoint.py", "tokenizer.py", "training.py")
 
 
 class ArtifactError(ValueError):
     """An artifact file that cannot be trusted: truncated, corrupt, or of an unknown format."""
 
 
-def quantize(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    tensors, index = {}, {}
-    for name in sorted(state):
-        t = np.ascontiguousarray(state[name], dtype=np.float32)
-        entry = {"shape": list(t.shape)}
-        if t.size <= KEEP_FLOAT_MAX_NUMEL:
-            keep = np.float32 if any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS) else np.float16
-            tensors[f"float:{name}"] = t.astype(keep)
-            entry["kind"] = "float"
-        elif t.ndim == 2:
-            tensors[f"q:{name}"], tensors[f"scale:{name}"] = _quantize_rows(t)
-            entry["kind"] = "int8_per_row"
-        else:
-            tensors[f"q:{name}"], tensors[f"scale:{name}"] = _quantize_tensor(t)
-            entry["kind"] = "int8_per_tensor"
-        index[name] = entry
-    return tensors, index
-
-
-def _quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    clip = np.quantile(np.abs(t), CLIP_Q, axis=1).astype(np.float32)  # (rows,)
-    clipped = np.clip(t, -clip[:, None], clip[:, None])
-    scale = np.maximum(clip / np.float32(127.0), np.float32(1.0 / 127.0))
-    q = np.clip(np.round(clipped / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale.astype(np.float16)
-
-
-def _quantize_tensor(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    clip = np.float32(np.quantile(np.abs(t).ravel(), CLIP_Q))
-    scale = np.float32(clip / 127.0 if clip > 0 else 1.0)
-    q = np.clip(np.round(np.clip(t, -clip, clip) / scale), -127, 127).astype(np.int8)
-    return q, np.array(scale, dtype=np.float32)
-
-
-def dequantize(tensors: dict[str, np.ndarray], index: dict[str, dict]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, entry in index.items():
-        if entry["kind"] == "float":
-            t = tensors[f"float:{name}"].astype(np.float32)
-        elif entry["kind"] == "int8_per_row":
-            t = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
-        else:
-            t = tensors[f"q:{name}"].astype(np.float32) * np.float32(tensors[f"scale:{name}"])
-        out[name] = t.reshape(entry["shape"])
-    return out
-
-
-def payload_sha256(tensors: dict[str, np.ndarray]) -> str:
+def payload_sha256(tensors: dict[str, np.ndarray], covered: dict[str, str] | None = None) -> str:
+    """sha256 over the tensors in canonical order, then the covered metadata fields (version 2)."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = np.ascontiguousarray(tensors[key])
         h.update(json.dumps([key, t.dtype.str, list(t.shape)]).encode())
         h.update(t.tobytes())
+    for key in sorted(covered or {}):
+        h.update(json.dumps([key, covered[key]]).encode())
     return h.hexdigest()
 
 
-def encode_artifact(state: dict[str, np.ndarray], cfg: Hyperparameters, level: int = ZSTD_LEVEL) -> bytes:
-    tensors, index = quantize(state)
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "quant_scheme": QUANT_SCHEME,
+HASHED_METADATA = ("config", "quant_scheme", "tensors", "tokenizer_sha256")
+
+
+def check_finite(state: dict[str, np.ndarray], what: str) -> None:
+    """FloatingPointError naming the first tensor holding NaN/inf."""
+    for name in sorted(state):
+        if not np.isfinite(state[name]).all():
+            raise FloatingPointError(f"{what}: tensor {name} holds NaN/inf")
+
+
+def encode_artifact(state: dict[str, np.ndarray], cfg: Hyperparameters, tokenizer_sha256: str = "",
+                    scheme: str = quant.DEFAULT_SCHEME, level: int = ZSTD_LEVEL) -> bytes:
+    """Quantize and pack; FloatingPointError if a weight or a stored value (e.g. past fp16's 65,504) is not finite."""
+    check_finite(state, "weights")
+    stores = {p.name: p.store for p in param_table(cfg)}
+    tensors, index = quant.scheme(scheme).quantize(state, stores)
+    check_finite({k: v.astype(np.float32) for k, v in tensors.items()}, "quantized weights (past fp16 range?)")
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "quant_scheme": scheme,
                 "config": cfg.to_json(), "tensors": json.dumps(index, sort_keys=True),
-                "payload_sha256": payload_sha256(tensors)}
+                "tokenizer_sha256": tokenizer_sha256}
+    metadata["payload_sha256"] = payload_sha256(tensors, {k: metadata[k] for k in HASHED_METADATA})
     raw = st_save(tensors, metadata=metadata)
     return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True).compress(raw)
 
 
-def save_artifact(path: str | os.PathLike, state: dict[str, np.ndarray], cfg: Hyperparameters) -> int:
-    """Quantize, compress and write atomically; returns the file's size in bytes."""
-    blob = encode_artifact(state, cfg)
+def save_artifact(path: str | os.PathLike, state: dict[str, np.ndarray], cfg: Hyperparameters,
+                  tokenizer_sha256: str = "") -> int:
+    """Check, quantize, compress, write atomically (a failure keeps the previous file); returns the size."""
+    blob = encode_artifact(state, cfg, tokenizer_sha256)
     atomic_write_bytes(path, blob)
     return len(blob)
 
 
+@dataclass
+class LoadedArtifact:
+    state: dict[str, np.ndarray]
+    cfg: Hyperparameters
+    tokenizer_sha256: str
+    quant_scheme: str
+
+
 def load_artifact(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], Hyperparameters]:
+    art = read_artifact(path)
+    return art.state, art.cfg
+
+
+def read_artifact(path: str | os.PathLike) -> LoadedArtifact:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"artifact {path} is a directory, not an artifact file")
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
     raw = _decompress(path)
@@ -135,10 +114,12 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], Hyper
         tensors = st_load(raw)
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"artifact {path}: corrupt safetensors payload ({exc})") from None
-    if payload_sha256(tensors) != metadata.get("payload_sha256"):
+    covered = {k: metadata.get(k, "") for k in HASHED_METADATA} if metadata["format_version"] != "1" else None
+    if payload_sha256(tensors, covered) != metadata.get("payload_sha256"):
         raise ArtifactError(f"artifact {path}: payload sha256 does not match its metadata (corrupt file)")
     cfg = Hyperparameters.from_json(metadata["config"])
-    return dequantize(tensors, json.loads(metadata["tensors"])), cfg
+    state = quant.scheme(metadata["quant_scheme"]).dequantize(tensors, json.loads(metadata["tensors"]))
+    return LoadedArtifact(state, cfg, metadata.get("tokenizer_sha256", ""), metadata["quant_scheme"])
 
 
 def _decompress(path: Path) -> bytes:
@@ -156,14 +137,14 @@ def _read_metadata(path: Path, raw: bytes) -> dict[str, str]:
         raise ArtifactError(f"artifact {path}: no readable safetensors header") from None
     if metadata.get("format") != FORMAT_NAME:
         raise ArtifactError(f"artifact {path}: metadata format {metadata.get('format')!r} is not {FORMAT_NAME!r}")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"artifact {path}: format version {metadata.get('format_version')!r} is not supported "
-                            f"(this code reads version {FORMAT_VERSION})")
+                            f"(this code reads versions {', '.join(READABLE_VERSIONS)})")
     for key in ("quant_scheme", "config", "tensors", "payload_sha256"):
         if key not in metadata:
             raise ArtifactError(f"artifact {path}: metadata lacks {key!r}")
-    if metadata["quant_scheme"] != QUANT_SCHEME:
-        raise ArtifactError(f"artifact {path}: quant scheme {metadata['quant_scheme']!r} is not {QUANT_SCHEME!r}")
+    if metadata["quant_scheme"] not in quant.SCHEMES:
+        raise ArtifactError(f"artifact {path}: quant scheme {metadata['quant_scheme']!r} is unknown to this code")
     return metadata
 
 
@@ -189,21 +170,6 @@ class SizeReport:
         if self.over_limit:
             raise ValueError(f"artifact {path}: {self.total_bytes} bytes (artifact {self.artifact_bytes} + code "
                              f"{self.code_bytes}) is over the {self.limit}-byte cap")
-
-
-def code_files(trainer_path: str | os.PathLike) -> list[Path]:
-    """The CUDA trainer plus the shared modules it runs with (the code that ships).
-
-    Inside a bundled train_gpt.py (shared/bundle.py) every module lives in that one file.
-    """
-    if globals().get("__bundled__"):
-        return [Path(trainer_path).resolve()]
-    shared_dir = Path(__file__).resolve().parent
-    return [Path(trainer_path).resolve()] + [shared_dir / m for m in RUNTIME_SHARED_MODULES]
-
-
-def code_bytes(files: list[Path]) -> int:
-    return sum(len(f.read_text(encoding="utf-8").encode("utf-8")) for f in files)
 
 
 def size_report(artifact_path: str | os.PathLike, trainer_path: str | os.PathLike) -> SizeReport:

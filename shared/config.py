@@ -14,6 +14,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -22,62 +24,79 @@ from typing import Any, Mapping
 MICRO_BATCHES_PER_STEP = 8
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
+
+
+ROLES = ("model", "train", "eval", "run", "backend")
+# model:   shape and numerics of the network; an artifact is valid only under these.
+# train:   the training trajectory (data order, batch, optimizer, schedule, init); fixed across a resume.
+# eval:    how a score is computed (windows, batch, data and tokenizer paths); --eval may override.
+# run:     bookkeeping and run length (ids, paths, cadence, stopping point); a resume or --eval may change.
+# backend: one framework's speed knobs and compute dtype; a resume or --eval may change.
+EVAL_OVERRIDABLE = ("eval", "run", "backend")
+RESUME_CHANGEABLE = ("eval", "run", "backend")
+
+
+def _f(default: Any, role: str) -> Any:
+    assert role in ROLES, role
+    return dataclasses.field(default=default, metadata={"role": role})
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    run_id: str = "run"
-    seed: int = 1337
-    val_batch_size: int = 524_288
-    val_loss_every: int = 1000
-    train_log_every: int = 200
-    iterations: int = 20_000
-    warmdown_iters: int = 1200
-    warmup_steps: int = 20
-    train_batch_tokens: int = 524_288
-    train_seq_len: int = 1024
-    max_wallclock_seconds: float = 600.0
-    qk_gain_init: float = 1.5
-    vocab_size: int = 1024
-    num_layers: int = 9
-    num_kv_heads: int = 4
-    model_dim: int = 512
-    num_heads: int = 8
-    mlp_mult: int = 2
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    embed_lr: float = 0.6
-    head_lr: float = 0.008
-    tied_embed_lr: float = 0.05
-    tied_embed_init_std: float = 0.005
-    matrix_lr: float = 0.04
-    scalar_lr: float = 0.04
-    muon_momentum: float = 0.95
-    muon_backend_steps: int = 5
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.0
+    data_path: str = _f("./data/datasets/fineweb10B_sp1024", "eval")  # resume compares content, not the string
+    tokenizer_path: str = _f("./data/tokenizers/fineweb_1024_bpe.model", "eval")
+    run_id: str = _f("", "run")  # "" -> a fresh unique id at start (logs and artifacts never merge)
+    seed: int = _f(1337, "train")
+    val_batch_size: int = _f(524_288, "eval")
+    val_loss_every: int = _f(1000, "run")
+    train_log_every: int = _f(200, "run")
+    iterations: int = _f(20_000, "run")
+    warmdown_iters: int = _f(1200, "train")
+    warmup_steps: int = _f(20, "run")  # priming steps, undone before training: no effect on the result
+    train_batch_tokens: int = _f(524_288, "train")
+    train_seq_len: int = _f(1024, "train")  # also the eval window (the official rule)
+    max_wallclock_seconds: float = _f(600.0, "run")
+    qk_gain_init: float = _f(1.5, "train")
+    vocab_size: int = _f(1024, "model")
+    num_layers: int = _f(9, "model")
+    num_kv_heads: int = _f(4, "model")
+    model_dim: int = _f(512, "model")
+    num_heads: int = _f(8, "model")
+    mlp_mult: int = _f(2, "model")
+    tie_embeddings: bool = _f(True, "model")
+    rope_base: float = _f(10000.0, "model")
+    logit_softcap: float = _f(30.0, "model")
+    embed_lr: float = _f(0.6, "train")
+    head_lr: float = _f(0.008, "train")
+    tied_embed_lr: float = _f(0.05, "train")
+    tied_embed_init_std: float = _f(0.005, "train")
+    matrix_lr: float = _f(0.04, "train")
+    scalar_lr: float = _f(0.04, "train")
+    muon_momentum: float = _f(0.95, "train")
+    muon_backend_steps: int = _f(5, "train")
+    muon_momentum_warmup_start: float = _f(0.85, "train")
+    muon_momentum_warmup_steps: int = _f(500, "train")
+    beta1: float = _f(0.9, "train")
+    beta2: float = _f(0.95, "train")
+    adam_eps: float = _f(1e-8, "train")
+    grad_clip_norm: float = _f(0.0, "train")
     # Our additions (not in the official script).
-    eval_stride: int = 0  # 0: official non-overlapping windows; >0: sliding windows
-    compute_dtype: str = "auto"  # auto: bf16 on CUDA/Metal, fp32 on CPU
-    artifact_path: str = ""  # "" -> artifacts/{run_id}.int8.zst
-    checkpoint_every: int = 0  # steps between full training-state checkpoints; 0 = off
-    checkpoint_path: str = ""  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
-    torch_compile: bool = True  # CUDA only; never on CPU
-    mlx_max_microbatch_tokens: int = 8192
-    mlx_compile: bool = True
-    mlx_ops: str = "auto"  # auto | fused | composed: see mlx_train.select_ops
-    mlx_streams: int = 0  # chunks computed concurrently; 0 = auto (1 on Metal, one per CPU core up to 4)
+    eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
+    tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
+    compute_dtype: str = _f("auto", "backend")  # auto: bf16 on CUDA/Metal, fp32 on CPU
+    artifact_path: str = _f("", "run")  # "" -> artifacts/{run_id}.int8.zst
+    checkpoint_every: int = _f(0, "run")  # steps between full training-state checkpoints; 0 = off
+    checkpoint_path: str = _f("", "run")  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
+    torch_compile: bool = _f(True, "backend")  # CUDA only; never on CPU
+    mlx_max_microbatch_tokens: int = _f(8192, "backend")
+    mlx_compile: bool = _f(True, "backend")
+    mlx_ops: str = _f("auto", "backend")  # auto | fused | composed: see mlx_cpu_ops.select_ops
+    mlx_streams: int = _f(0, "backend")  # chunks computed concurrently; 0 = auto (1 on Metal, one per CPU core up to 4)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], base: "Hyperparameters | None" = None) -> "Hyperparameters":
-        """Build from NAME=value pairs; unknown names are ignored, bad values raise ValueError."""
+        """Build from NAME=value pairs; unknown names are ignored (see near_misses), bad values raise ValueError."""
         start = base if base is not None else preset(env.get("PRESET", "baseline"))
         values = {}
         for f in fields(cls):
@@ -133,6 +152,14 @@ class Hyperparameters:
         _require(self.mlx_ops in ("auto", "fused", "composed"), "mlx_ops", "must be auto, fused or composed")
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        for name in ("embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative learning rate climbs the loss)")
+        _require(self.adam_eps > 0, "adam_eps", "must be > 0 (0 divides by zero where a gradient is 0)")
+        _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        _require(self.run_id == "" or _SAFE_ID.fullmatch(self.run_id) is not None, "run_id",
+                 f"={self.run_id!r} must be letters, digits, '.', '_' or '-' and not start with '.'")
+        _require(self.artifact_path == "" or not self.artifact_path.endswith(("/", os.sep)), "artifact_path",
+                 f"={self.artifact_path!r} names a folder, not a file")
 
     def resolved_artifact_path(self) -> str:
         return self.artifact_path or f"artifacts/{self.run_id}.int8.zst"
@@ -142,9 +169,45 @@ class Hyperparameters:
         return (self.checkpoint_path or f"checkpoints/{self.run_id}.ckpt").format(step=step)
 
 
-# Fields that fix the network's shape and numerics: an artifact is only valid under these.
-MODEL_FIELDS = ("vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
-                "tie_embeddings", "rope_base", "logit_softcap")
+def fields_with_role(*roles: str) -> tuple[str, ...]:
+    """Field names tagged with any of `roles` (the lists other modules used to write by hand)."""
+    return tuple(f.name for f in fields(Hyperparameters) if f.metadata["role"] in roles)
+
+
+def changed_fields(old: Hyperparameters, new: Hyperparameters, allowed_roles: tuple[str, ...]) -> list[str]:
+    """Fields that differ between old and new although their role is not in allowed_roles."""
+    return [name for name in fields_with_role(*(r for r in ROLES if r not in allowed_roles))
+            if getattr(old, name) != getattr(new, name)]
+
+
+def near_misses(env: Mapping[str, str]) -> list[str]:
+    """Environment names that look like a mistyped knob (edit distance <= 2, same first three letters)."""
+    knobs = [f.name.upper() for f in fields(Hyperparameters)] + ["PRESET"]
+    out = []
+    for name in sorted(env):
+        if name in knobs:
+            continue
+        for knob in knobs:
+            if name[:3] == knob[:3] and _edit_distance(name, knob) <= 2:
+                out.append(f"{name} is not a knob; did you mean {knob}?")
+                break
+    return out
+
+
+def _edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def with_run_id(cfg: Hyperparameters, fresh_id: str) -> Hyperparameters:
+    """RUN_ID unset: a fresh id (the official script uses a uuid), so logs and artifacts never merge."""
+    return cfg if cfg.run_id else dataclasses.replace(cfg, run_id=fresh_id)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -164,12 +227,12 @@ def preset(name: str) -> Hyperparameters:
 
 
 def artifact_config_for_env(artifact_cfg: Hyperparameters, env: Mapping[str, str], origin: str) -> Hyperparameters:
-    """Config to evaluate an artifact with: its own, plus env overrides that do not change the model."""
+    """Config to evaluate an artifact with: its own, plus env overrides of eval/run/backend fields only."""
     cfg = Hyperparameters.from_env(env, base=artifact_cfg)
-    for name in MODEL_FIELDS:
-        if getattr(cfg, name) != getattr(artifact_cfg, name):
-            raise ValueError(f"{origin} was trained with {name.upper()}={getattr(artifact_cfg, name)!r} "
-                             f"but the environment sets {name.upper()}={getattr(cfg, name)!r}")
+    for name in changed_fields(artifact_cfg, cfg, EVAL_OVERRIDABLE):
+        raise ValueError(f"{origin} was trained with {name.upper()}={getattr(artifact_cfg, name)!r} "
+                         f"but the environment sets {name.upper()}={getattr(cfg, name)!r}; --eval may only "
+                         f"change {'/'.join(EVAL_OVERRIDABLE)} knobs")
     return cfg
 
 

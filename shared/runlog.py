@@ -5,6 +5,7 @@ trainer's source and the config, as the official script does.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from shared.config import Hyperparameters
+from shared.shipped import git_commit, repo_root, source_digests
 
 
 class RunLog:
@@ -30,10 +32,23 @@ class RunLog:
             f.write(msg + "\n")
 
     def header(self, source_path: str, cfg: Hyperparameters, backend: str) -> None:
+        """The trainer's source, the hash of every repo module this process runs, the git commit, the config."""
         self(Path(source_path).read_text(encoding="utf-8"), console=False)
         self("=" * 100, console=False)
         self(f"backend:{backend} python:{sys.version.split()[0]} platform:{platform.platform()} pid:{os.getpid()}")
+        digests = source_digests([Path(source_path)] + loaded_repo_files())
+        self("sources:" + " ".join(f"{name}={digest}" for name, digest in digests.items()), console=False)
+        self(f"git_commit:{git_commit(repo_root()) or 'none'}", console=False)
         self(f"config:{cfg.to_json()}")
+
+
+def loaded_repo_files() -> list[Path]:
+    """Source files of the repo's modules loaded in this process (what ran, whichever trainer it was)."""
+    root = repo_root()
+    if root is None:  # a bundle: its one file is the trainer itself
+        return []
+    files = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+    return sorted(f for f in files if f.is_relative_to(root) and ".venv" not in f.parts and f.suffix == ".py")
 
 
 def step_line(step: int, iterations: int, train_loss: float, train_ms: float) -> str:
@@ -52,11 +67,13 @@ def final_lines(tokens: int, n_bytes: int, size_line: str, val_loss: float, val_
 
 
 def log_final(log, acc, artifact_path: str, trainer_path: str, eval_ms: float) -> None:
-    """The three closing lines of a run or an --eval, then the byte cap enforced (after the score is out)."""
+    """The three closing lines of a run or an --eval; then a non-finite score or the byte cap is an error."""
     from shared.artifact import size_report
     report = size_report(artifact_path, trainer_path)
     for line in final_lines(acc.tokens, acc.bytes, report.line(artifact_path), acc.val_loss, acc.val_bpb, eval_ms):
         log(line)
+    if not (math.isfinite(acc.val_loss) and math.isfinite(acc.val_bpb)):
+        raise FloatingPointError(f"artifact {artifact_path} scores val_bpb {acc.val_bpb}: not a usable model")
     report.check(artifact_path)
 
 

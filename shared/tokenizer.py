@@ -35,6 +35,8 @@ class ByteTables:
 
 def load_tokenizer(path: str, vocab_size: int | None = None) -> spm.SentencePieceProcessor:
     """Load a .model file; with vocab_size, insist that it matches (TOKENIZER_PATH vs VOCAB_SIZE)."""
+    if os.path.isdir(path):
+        raise ValueError(f"TOKENIZER_PATH={path} is a directory, not a SentencePiece .model file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path} does not exist; build data with `python data/prepare.py --demo` "
                                 f"or download with `python data/prepare.py --variant sp1024`")

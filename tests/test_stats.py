@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from shared.stats import betainc, one_sided_t_test, t_sf
+from tools.stats import betainc, one_sided_t_test, t_sf
 
 
 @pytest.mark.parametrize("t,df,p", [(6.965, 2, 0.01), (2.920, 2, 0.05), (2.228, 10, 0.025), (12.706, 1, 0.025),

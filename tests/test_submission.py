@@ -1,17 +1,100 @@
-"""shared.bundle and shared.submission: the bundle scores like the repo, the checks catch bad entries."""
+"""tools.bundle and tools.submission: the bundle carries every shipped module and scores like the repo,
+the checks catch bad entries."""
+import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, run_script, tiny_env
-from shared.bundle import write_bundle
 from shared.runlog import parse_final
-from shared.submission import parse_log
+from shared.shipped import package_names, shipped_modules
+from tools.bundle import bundle_source, write_bundle
+from tools.submission import parse_log
 
 SEEDS = (1, 2, 3)
+
+# A miniature repo: a regular subpackage with a relative import, a namespace folder (no __init__.py),
+# the top-level modules, and a trainer that imports them all and asks the real shared/shipped.py,
+# bundled with them, what ships. No torch: it runs in milliseconds.
+FAKE_REPO = {
+    "shared/__init__.py": "ROOT_PKG = 'shared'\n",
+    "shared/util.py": "def twice(x):\n    return 2 * x\n",
+    "shared/quant/__init__.py": "from shared.quant.int8 import BITS\n",
+    "shared/quant/int8.py": "from ..util import twice\nBITS = twice(4)\n",
+    "shared/ns/leaf.py": "LEAF = 'leaf'\n",
+    "torch_model.py": "from shared.quant import BITS\nMODEL = BITS + 1\n",
+    "torch_optim.py": "from shared.ns.leaf import LEAF\n",
+    "cuda_train.py": ("import sys\nimport shared.quant, shared.ns.leaf, torch_model, torch_optim\n"
+                      "from shared import shipped\n"
+                      "if __name__ == '__main__':\n"
+                      "    print(torch_model.MODEL, torch_optim.LEAF)\n"
+                      "    print(all(sys.modules[m].__dict__.get('__bundled__') for m in\n"
+                      "              ('shared', 'shared.util', 'shared.quant', 'shared.quant.int8', 'shared.ns',\n"
+                      "               'shared.ns.leaf', 'shared.shipped', 'torch_model', 'torch_optim')))\n"
+                      "    files = shipped.code_files(__file__)\n"
+                      "    print([f.name for f in files], list(shipped.source_digests(files)))\n"
+                      "    print(shipped.repo_root(), shipped.git_commit(shipped.repo_root()))\n"),
+}
+
+
+def _bundled_literals(text: str) -> dict:
+    """The bundle's _SOURCES and _PACKAGES, read back without running it."""
+    found = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and node.targets[0].id in ("_SOURCES", "_PACKAGES"):
+            found[node.targets[0].id] = ast.literal_eval(node.value)
+    return found
+
+
+def _without_pythonpath() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_bundle_serves_subpackages_and_namespace_folders(tmp_path, compress):
+    repo = tmp_path / "repo"
+    for rel, src in FAKE_REPO.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(src)
+    shutil.copy(ROOT / "shared" / "shipped.py", repo / "shared" / "shipped.py")  # the real one, bundled
+    text = bundle_source(repo / "cuda_train.py", compress=compress, root=repo)
+    assert text == bundle_source(repo / "cuda_train.py", compress=compress, root=repo)  # deterministic bytes
+    if not compress:
+        assert _bundled_literals(text)["_PACKAGES"] == ("shared", "shared.ns", "shared.quant")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "train_gpt.py").write_text(text)
+    res = subprocess.run([sys.executable, "-I", "train_gpt.py"], cwd=alone, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["9 leaf", "True", "['train_gpt.py'] ['train_gpt.py']", "None None"]
+
+
+def test_bundle_carries_every_shipped_module_and_prints_help_from_an_empty_folder(tmp_path):
+    write_bundle(tmp_path / "train_gpt.py")
+    found = _bundled_literals((tmp_path / "train_gpt.py").read_text(encoding="utf-8"))
+    modules = shipped_modules()
+    assert {"shared", "torch_model", "torch_optim"} <= set(modules)
+    for name, path in modules.items():
+        assert found["_SOURCES"].get(name) == path.read_text(encoding="utf-8"), f"{name}: not in the bundle as {path}"
+    assert set(found["_PACKAGES"]) == set(package_names(modules))
+    env = _without_pythonpath()
+    # Nothing in the repo can serve an import from there: only the venv, which merely lives under ROOT.
+    probe = subprocess.run([sys.executable, "-c", "import sys; print('\\n'.join(sys.path))"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True)
+    prefix = Path(sys.prefix).resolve()
+    for entry in filter(None, probe.stdout.splitlines()):
+        p = Path(entry).resolve()
+        assert not p.is_relative_to(ROOT) or p.is_relative_to(prefix), f"{entry} on sys.path reaches the repo"
+    res = subprocess.run([sys.executable, "train_gpt.py", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("usage: train_gpt.py") and "--eval" in res.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["train_gpt.py"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +113,7 @@ def runs(tiny_data, tmp_path_factory):
 
 
 def submit(runs, out, *extra, logs=None):
-    cmd = [sys.executable, "-m", "shared.submission", "--logs", *map(str, logs or runs["logs"]),
+    cmd = [sys.executable, "-m", "tools.submission", "--logs", *map(str, logs or runs["logs"]),
            "--artifact", str(runs["work"] / "seed3.int8.zst"), "--name", "Tiny test", "--author", "A. Person",
            "--github-id", "aperson", "--out", str(out), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

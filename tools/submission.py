@@ -1,12 +1,12 @@
 """From run logs to a records/ folder, with the byte cap, time limits and statistics checked.
 
-    python -m shared.submission --logs L1 L2 L3 --artifact A --name NAME --author AUTHOR \\
+    python -m tools.submission --logs L1 L2 L3 --artifact A --name NAME --author AUTHOR \\
         --github-id ID --out DIR [--sota BPB] [--track 10min_16mb|non_record_16mb] [--compress]
 
-Writes DIR/train_gpt.py (shared/bundle.py), DIR/submission.json (every number
+Writes DIR/train_gpt.py (tools/bundle.py), DIR/submission.json (every number
 parsed from the logs), DIR/README.md and the logs; prints one `check:` line per
 rule and exits 1 when any fails. Run the seeds with the train_gpt.py this
-writes (python -m shared.bundle first): each log starts with the source that
+writes (python -m tools.bundle first): each log starts with the source that
 ran, and the check `logged_source` compares it with what ships.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.artifact import BYTE_LIMIT
-from shared.bundle import bundle_source
 from shared.fsutil import atomic_write_text
-from shared.stats import one_sided_t_test
+from tools.bundle import bundle_source
+from tools.stats import one_sided_t_test
 
 TIME_LIMIT_S = 600.0
 MIN_SEEDS = 3
@@ -159,7 +159,7 @@ def readme(meta: dict, checks: list[Check]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m shared.submission", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.submission", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--logs", nargs="+", required=True)
     ap.add_argument("--artifact", required=True)

@@ -1,0 +1,156 @@
+"""MLX on a Linux CPU: a fast BLAS under mlx[cpu], and exp-heavy ops built for CPUs.
+
+Import this module before anything else imports mlx (mlx_model.py does): the
+BLAS swap only works if it happens before `import mlx.core`. That swap is the
+one import-time side effect in the codebase, and it is deliberate.
+
+    ops = select_ops(cfg)     # FusedOps on Metal, ComposedOps on a CPU (MLX_OPS overrides)
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import math
+import os
+import sys
+
+
+def _preload_cpu_blas() -> str:
+    """Make mlx[cpu]'s matmuls use MKL (or a system OpenBLAS) instead of the bundled reference BLAS.
+
+    The Linux mlx[cpu] wheel links netlib's reference BLAS (~1-2 GFLOP/s here). A BLAS loaded
+    into the global symbol scope *before* mlx is imported wins symbol lookup for cblas_sgemm:
+    measured 52 ms -> 2 ms for a 1024x64x1024 matmul on a 2-core CPU. MKL runs sequentially
+    (deterministic, and mlx already keeps the cores busy). Set MLX_CPU_BLAS=reference to skip.
+    """
+    if sys.platform != "linux" or os.environ.get("MLX_CPU_BLAS") == "reference":
+        return "reference"
+    candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    candidates += sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        if hasattr(lib, "MKL_Set_Threading_Layer"):
+            lib.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL
+        return path
+    return "reference"
+
+
+CPU_BLAS = _preload_cpu_blas()  # before `import mlx.core`, see above
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from shared.config import Hyperparameters  # noqa: E402
+
+
+# ---- the three exp-heavy ops, two implementations of the same maths ----
+class FusedOps:
+    """MLX's own kernels: right on Metal, where exp/tanh are fast."""
+
+    @staticmethod
+    def tanh(u: mx.array) -> mx.array:
+        return mx.tanh(u)
+
+    @staticmethod
+    def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(logits, targets, reduction="none")
+
+    @staticmethod
+    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")  # GQA: k, v untiled
+
+
+# mlx[cpu]'s exp and tanh are scalar loops (~15 ns/element, measured: 15 ms for 1M floats, numpy 1.8 ms),
+# and the logits' softcap + cross-entropy and attention's softmax are most of a CPU step. ComposedOps
+# builds them from one exp made of vectorised arithmetic: Cody-Waite reduction x = n ln2 + r,
+# |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation < 1e-8) and 2^n from the exponent bits.
+LN2_HI, LN2_LO = 0.693145751953125, 1.428606765330187e-06
+EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(8))
+EXP_MIN, EXP_MAX = -87.3, 88.7  # float32 normal range; below EXP_MIN the result is exactly 0
+
+
+def _exp_poly(x: mx.array) -> mx.array:
+    x = mx.clip(x, EXP_MIN, EXP_MAX)
+    n = mx.round(x * (1.0 / math.log(2.0)))
+    r = (x - n * LN2_HI) - n * LN2_LO
+    p = EXP_TAYLOR[7]
+    for c in reversed(EXP_TAYLOR[:7]):
+        p = p * r + c
+    two_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+    return mx.where(x <= EXP_MIN, 0.0, p * two_n)
+
+
+@mx.custom_function
+def composed_exp(x: mx.array) -> mx.array:
+    return _exp_poly(x.astype(mx.float32)).astype(x.dtype)
+
+
+@composed_exp.vjp
+def _composed_exp_vjp(primals, cotangent, output):
+    return cotangent * output  # d/dx e^x = e^x: no second exp in the backward pass
+
+
+class ComposedOps:
+    """The same maths from composed_exp: for CPUs (mlx[cpu]); agrees with FusedOps to ~1e-6."""
+
+    @staticmethod
+    def tanh(u: mx.array) -> mx.array:
+        return 1.0 - 2.0 / (composed_exp(2.0 * u) + 1.0)
+
+    @staticmethod
+    def token_nll(logits: mx.array, targets: mx.array) -> mx.array:
+        m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+        lse = mx.log(mx.sum(composed_exp(logits - m), axis=-1)) + m[..., 0]
+        return lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+    @staticmethod
+    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        return composed_attention(q * scale, k, v)
+
+
+def _causal_probs(q5: mx.array, k: mx.array) -> mx.array:
+    """softmax(q k^T + causal mask) for q5 (B, Hkv, G, T, D), k (B, Hkv, T, D) -> (B, Hkv, G, T, T)."""
+    t = q5.shape[-2]
+    s = q5 @ k[:, :, None].swapaxes(-1, -2)
+    s = s + mx.triu(mx.full((t, t), -mx.inf, dtype=s.dtype), k=1)
+    p = _exp_poly(s - mx.max(s, axis=-1, keepdims=True))
+    return p / mx.sum(p, axis=-1, keepdims=True)
+
+
+@mx.custom_function
+def composed_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Causal GQA attention of pre-scaled q; each KV head serves G = H/Hkv query heads."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    p = _causal_probs(q.reshape(b, hkv, h // hkv, t, d), k)
+    return (p @ v[:, :, None]).reshape(b, h, t, d)
+
+
+@composed_attention.vjp
+def _composed_attention_vjp(primals, cotangent, output):
+    """Recomputes the (T, T) probabilities instead of keeping them for backward (flash-attention's trade):
+    no (T, T) tensor is kept per layer (measured at the baseline shape on a 2-core CPU, 8192-token chunks on
+    2 streams: peak RSS 15.2 GB -> 11.3 GB)."""
+    q, k, v = primals
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    q5 = q.reshape(b, hkv, h // hkv, t, d)
+    do = cotangent.reshape(q5.shape)
+    p = _causal_probs(q5, k)
+    dv = mx.sum(p.swapaxes(-1, -2) @ do, axis=2)  # (B, Hkv, T, D), summed over the G query heads
+    dp = do @ v[:, :, None].swapaxes(-1, -2)
+    ds = p * (dp - mx.sum(do * output.reshape(q5.shape), axis=-1, keepdims=True))  # softmax backward
+    dq = (ds @ k[:, :, None]).reshape(b, h, t, d)
+    dk = mx.sum(ds.swapaxes(-1, -2) @ q5, axis=2)
+    return dq, dk, dv
+
+
+def select_ops(cfg: Hyperparameters):
+    """MLX_OPS: fused (MLX kernels), composed (CPU-friendly) or auto (fused on Metal, composed on CPU)."""
+    if cfg.mlx_ops == "auto":
+        return FusedOps if mx.metal.is_available() else ComposedOps
+    return FusedOps if cfg.mlx_ops == "fused" else ComposedOps
+

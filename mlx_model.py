@@ -1,0 +1,197 @@
+"""The model in MLX: mirrors torch_model.py class for class and line for line.
+
+Parameter names and shapes are the table in shared/spec.py; weights come in and go
+out as numpy arrays (load_numpy_state / numpy_state).
+
+    model = build_model(cfg, state, dtype=mx.bfloat16)
+    nll = model.token_nll(x, y)          # (B, T) nats, fp32
+"""
+from __future__ import annotations
+
+from mlx_cpu_ops import select_ops  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from shared.config import Hyperparameters  # noqa: E402
+from shared.spec import init_params, num_skip_weights  # noqa: E402
+
+# ---- numerics, written out (torch_model.py uses the same) ----
+RMS_NORM_EPS = 1e-6
+# RoPE: half-split layout, x1 = x[..., :D/2], x2 = x[..., D/2:], rotated by -theta:
+#   (x1*cos + x2*sin, -x1*sin + x2*cos), theta_{t,i} = t * ROPE_BASE^(-2i/D)
+# Written out rather than mx.fast.rope, whose direction is the opposite (+theta).
+# Dtypes: weights are fp32 masters; every matmul casts both operands to the compute dtype `dtype`;
+# the residual stream, every RMSNorm (q/k included), RoPE, q_gain, the softcap and the cross-entropy
+# run in fp32; q, k, v enter the attention kernel in the compute dtype.
+
+
+def rms_norm(x: mx.array) -> mx.array:
+    return mx.fast.rms_norm(x.astype(mx.float32), None, RMS_NORM_EPS)  # fp32 in, fp32 out
+
+
+class RMSNorm(nn.Module):
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Module):
+    """fp32 master weight (out, in); input and weight cast to the compute dtype at use."""
+
+    def __init__(self, in_dim: int, out_dim: int, dtype: mx.Dtype):
+        super().__init__()
+        self.weight = mx.zeros((out_dim, in_dim))
+        self._dtype = dtype
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x.astype(self._dtype) @ self.weight.astype(self._dtype).T
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self._inv_freq = 1.0 / (base ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))  # "_": not a parameter
+
+    def __call__(self, seq_len: int) -> tuple[mx.array, mx.array]:
+        t = mx.arange(seq_len, dtype=mx.float32)
+        freqs = mx.outer(t, self._inv_freq)  # (T, D/2), fp32
+        return mx.cos(freqs)[None, None], mx.sin(freqs)[None, None]
+
+
+def apply_rotary_emb(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
+                 dtype: mx.Dtype, ops):
+        super().__init__()
+        self._num_heads, self._num_kv_heads = num_heads, num_kv_heads
+        self._head_dim = dim // num_heads
+        self._dtype, self._ops = dtype, ops
+        kv_dim = num_kv_heads * self._head_dim
+        self.c_q = CastedLinear(dim, dim, dtype)
+        self.c_k = CastedLinear(dim, kv_dim, dtype)
+        self.c_v = CastedLinear(dim, kv_dim, dtype)
+        self.proj = CastedLinear(dim, dim, dtype)
+        self.q_gain = mx.full((num_heads,), qk_gain_init, dtype=mx.float32)
+        self.rotary = Rotary(self._head_dim, rope_base)
+        self._scale = self._head_dim ** -0.5  # explicit attention scale
+
+    def __call__(self, x: mx.array) -> mx.array:
+        bsz, seqlen, dim = x.shape
+        q = self.c_q(x).reshape(bsz, seqlen, self._num_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = self.c_k(x).reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
+        v = self.c_v(x).reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)
+        q = rms_norm(q)  # fp32 from here to the kernel
+        k = rms_norm(k)
+        cos, sin = self.rotary(seqlen)
+        q = apply_rotary_emb(q, cos, sin)
+        k = apply_rotary_emb(k, cos, sin)
+        q = q * self.q_gain[None, :, None, None]
+        y = self._ops.attention(q.astype(self._dtype), k.astype(self._dtype), v.astype(self._dtype),
+                                self._scale)  # causal, GQA
+        y = y.transpose(0, 2, 1, 3).reshape(bsz, seqlen, dim)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_mult: int, dtype: mx.Dtype):
+        super().__init__()
+        self.fc = CastedLinear(dim, mlp_mult * dim, dtype)
+        self.proj = CastedLinear(mlp_mult * dim, dim, dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = nn.relu(self.fc(x))
+        return self.proj(mx.square(x))  # relu^2
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Hyperparameters, dtype: mx.Dtype, ops):
+        super().__init__()
+        dim = cfg.model_dim
+        self.attn_norm = RMSNorm()
+        self.mlp_norm = RMSNorm()
+        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.qk_gain_init, dtype,
+                                        ops)
+        self.mlp = MLP(dim, cfg.mlp_mult, dtype)
+        self.attn_scale = mx.ones((dim,))
+        self.mlp_scale = mx.ones((dim,))
+        self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
+
+    def __call__(self, x: mx.array, x0: mx.array) -> mx.array:
+        mix = self.resid_mix
+        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x))
+        x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Hyperparameters, dtype: mx.Dtype = mx.float32, ops=None):
+        super().__init__()
+        self._ops = ops if ops is not None else select_ops(cfg)
+        self._logit_softcap = cfg.logit_softcap
+        self._tie_embeddings = cfg.tie_embeddings
+        self._dtype = dtype
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self._num_encoder_layers = cfg.num_layers // 2
+        self._num_decoder_layers = cfg.num_layers - self._num_encoder_layers
+        self.skip_weights = mx.ones((num_skip_weights(cfg), cfg.model_dim))
+        self.blocks = [Block(cfg, dtype, self._ops) for _ in range(cfg.num_layers)]
+        self.final_norm = RMSNorm()
+        if not cfg.tie_embeddings:
+            self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
+
+    def logits(self, input_ids: mx.array) -> mx.array:
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        x = rms_norm(x)
+        x0 = x
+        skips = []
+        for i in range(self._num_encoder_layers):
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        for i in range(self._num_decoder_layers):
+            if skips:
+                x = x + self.skip_weights[i][None, None, :] * skips.pop()
+            x = self.blocks[self._num_encoder_layers + i](x, x0)
+        x = self.final_norm(x)
+        w = self.tok_emb.weight if self._tie_embeddings else self.lm_head.weight
+        z = (x.astype(self._dtype) @ w.astype(self._dtype).T).astype(mx.float32)  # (B, T, V), softcap/loss in fp32
+        return self._logit_softcap * self._ops.tanh(z / self._logit_softcap)
+
+    def token_nll(self, input_ids: mx.array, target_ids: mx.array) -> mx.array:
+        logits = self.logits(input_ids)
+        return self._ops.token_nll(logits, target_ids)  # (B, T) nats, fp32
+
+    def __call__(self, input_ids: mx.array, target_ids: mx.array) -> mx.array:
+        return self.token_nll(input_ids, target_ids).mean()
+
+
+def build_model(cfg: Hyperparameters, state: dict[str, np.ndarray] | None = None, dtype: mx.Dtype = mx.float32,
+                ops=None) -> GPT:
+    """A GPT holding `state` (default: the shared numpy init for SEED)."""
+    model = GPT(cfg, dtype, ops)
+    load_numpy_state(model, init_params(cfg) if state is None else state)
+    return model
+
+
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Strict by name and shape; errors name the key."""
+    params = dict(tree_flatten(model.parameters()))
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, p in params.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: state has shape {tuple(state[name].shape)}, model {tuple(p.shape)}")
+    model.update(tree_unflatten([(k, mx.array(np.asarray(state[k], dtype=np.float32))) for k in params]))
+    mx.eval(model.parameters())
+
+
+def numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}

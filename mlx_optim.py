@@ -1,0 +1,132 @@
+"""Optimizers in MLX: torch.optim.Adam's and torch_optim.Muon's maths, written out (mirrors torch_optim.py).
+
+    opts = Optimizers(model, cfg, ns_dtype)
+    opts.step(grads, lr_scale, momentum)
+    opts.slots() / opts.load_slots(slots)     # framework-neutral optimizer state (shared/checkpoint.py)
+"""
+from __future__ import annotations
+
+import math
+
+import mlx_cpu_ops  # noqa: F401  (first: the CPU BLAS swap must precede mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from shared.config import Hyperparameters  # noqa: E402
+from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, groups_of  # noqa: E402
+
+
+def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype) -> mx.array:
+    """Approximately orthogonalise g (Muon); quintic Newton-Schulz in `dtype`."""
+    a, b, c = NS_COEFFS
+    x = g.astype(dtype)
+    x = x / (mx.linalg.norm(x.astype(mx.float32)).astype(dtype) + NS_EPS)
+    transposed = g.shape[0] > g.shape[1]
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+class Muon:
+    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols))."""
+
+    def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype):
+        self.names, self.base_lr, self.lr = names, lr, lr
+        self.momentum, self.backend_steps, self.ns_dtype = 0.0, backend_steps, ns_dtype
+        self.state: dict[str, dict[str, mx.array]] = {}
+
+    def update(self, params: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
+        for n in self.names:
+            buf = self.state.setdefault(n, {}).get("momentum", mx.zeros_like(grads[n]))
+            buf = buf * self.momentum + grads[n]
+            g = grads[n] + self.momentum * buf  # Nesterov
+            g = zeropower_via_newtonschulz5(g, self.backend_steps, self.ns_dtype)
+            g = g * max(1.0, g.shape[0] / g.shape[1]) ** 0.5
+            self.state[n]["momentum"] = buf
+            params[n] = params[n] - self.lr * g.astype(params[n].dtype)
+
+    def state_of(self, n: str, p: mx.array) -> dict[str, mx.array]:
+        return self.state.get(n) or {"momentum": mx.zeros_like(p)}
+
+
+class Adam:
+    """torch.optim.Adam's update: m.lerp(g, 1-b1); v = b2 v + (1-b2) g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
+
+    def __init__(self, names: list[str], lr: float, beta1: float, beta2: float, eps: float):
+        self.names, self.base_lr, self.lr = names, lr, lr
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.state: dict[str, dict[str, mx.array]] = {}
+
+    def update(self, params: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
+        for n in self.names:
+            st = self.state.setdefault(n, {"m": mx.zeros_like(params[n]), "v": mx.zeros_like(params[n]), "step": 0.0})
+            g = grads[n]
+            st["step"] += 1.0
+            st["m"] = st["m"] + (1.0 - self.beta1) * (g - st["m"])
+            st["v"] = st["v"] * self.beta2 + (1.0 - self.beta2) * (g * g)
+            bc1, bc2 = 1.0 - self.beta1 ** st["step"], 1.0 - self.beta2 ** st["step"]
+            denom = mx.sqrt(st["v"]) / math.sqrt(bc2) + self.eps
+            params[n] = params[n] - (self.lr / bc1) * (st["m"] / denom)
+
+    def state_of(self, n: str, p: mx.array) -> dict:
+        return self.state.get(n) or {"m": mx.zeros_like(p), "v": mx.zeros_like(p), "step": 0.0}
+
+
+class Optimizers:
+    """Muon for the 'matrix' group, Adam for the others (groups from shared/spec.py), one step at a time."""
+
+    def __init__(self, model: nn.Module, cfg: Hyperparameters, ns_dtype: mx.Dtype):
+        self.cfg, self.model = cfg, model
+        self.opts: dict[str, Muon | Adam] = {}
+        for g, names in groups_of([n for n, _ in tree_flatten(model.parameters())], cfg).items():
+            lr = group_lr(g, cfg)
+            if GROUP_OPTIMIZER[g] == "muon":
+                self.opts[g] = Muon(names, lr, cfg.muon_backend_steps, ns_dtype)
+            else:
+                self.opts[g] = Adam(names, lr, cfg.beta1, cfg.beta2, cfg.adam_eps)
+
+    def step(self, grads: dict[str, mx.array], lr_scale: float, momentum: float) -> None:
+        """Clip the global gradient norm (GRAD_CLIP_NORM), then every group at base_lr * lr_scale."""
+        for opt in self.opts.values():
+            opt.lr = opt.base_lr * lr_scale
+            if isinstance(opt, Muon):
+                opt.momentum = momentum
+        if self.cfg.grad_clip_norm > 0:
+            grads = clip_grad_norm(grads, self.cfg.grad_clip_norm)
+        params = dict(tree_flatten(self.model.parameters()))
+        for opt in self.opts.values():
+            opt.update(params, grads)
+        self.model.update(tree_unflatten(list(params.items())))
+        mx.eval(self.model.parameters(), [o.state for o in self.opts.values()])
+
+    def slots(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every slot of every parameter as fp32/float64 numpy; zeros (step 0) before the first step."""
+        params = dict(tree_flatten(self.model.parameters()))
+        out = {}
+        for opt in self.opts.values():
+            for n in opt.names:
+                out[n] = {slot: _to_numpy(slot, v) for slot, v in opt.state_of(n, params[n]).items()}
+        return out
+
+    def load_slots(self, slots: dict[str, dict[str, np.ndarray]]) -> None:
+        for opt in self.opts.values():
+            for n in opt.names:
+                opt.state[n] = {s: float(v[0]) if s == "step" else mx.array(v) for s, v in slots[n].items()}
+
+
+def _to_numpy(slot: str, value) -> np.ndarray:
+    return np.array([value], dtype=np.float64) if slot == "step" else np.array(value.astype(mx.float32))
+
+
+def clip_grad_norm(grads: dict[str, mx.array], max_norm: float) -> dict[str, mx.array]:
+    """torch.nn.utils.clip_grad_norm_: scale by max_norm/(total+1e-6) when that is < 1."""
+    total = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in grads.values()))
+    coef = mx.minimum(max_norm / (total + 1e-6), 1.0)
+    return {k: g * coef.astype(g.dtype) for k, g in grads.items()}
+

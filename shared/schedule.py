@@ -1,0 +1,44 @@
+"""Schedules both trainers apply: pure functions of the config, the step and the elapsed time."""
+from __future__ import annotations
+
+from shared.config import Hyperparameters
+
+
+def lr_multiplier(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps (the official schedule).
+
+    With a wallclock cap the warmdown is timed: it starts when the remaining time
+    equals WARMDOWN_ITERS steps at the average step time so far. Past ITERATIONS
+    the multiplier is 0 (the official code returns 1 there; a resumed run past its
+    end must not train at full rate).
+    """
+    if step >= cfg.iterations:
+        return 0.0
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cfg.max_wallclock_seconds <= 0:
+        start = max(cfg.iterations - cfg.warmdown_iters, 0)
+        return (cfg.iterations - step) / cfg.warmdown_iters if step >= start else 1.0
+    step_ms = elapsed_ms / max(step, 1)
+    warmdown_ms = cfg.warmdown_iters * step_ms
+    remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(cfg: Hyperparameters, step: int) -> float:
+    """Momentum warm-up MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
+    steps = cfg.muon_momentum_warmup_steps
+    frac = min(step / steps, 1.0) if steps > 0 else 1.0
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def should_validate(cfg: Hyperparameters, step: int, last_step: bool) -> bool:
+    return last_step or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0)
+
+
+def should_log_train(cfg: Hyperparameters, step: int, stopping: bool) -> bool:
+    return cfg.train_log_every > 0 and (step <= 10 or step % cfg.train_log_every == 0 or stopping)
+
+
+def should_checkpoint(cfg: Hyperparameters, step: int) -> bool:
+    return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0

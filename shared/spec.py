@@ -1,0 +1,163 @@
+"""The parameter table: every tensor either model holds, declared once.
+
+Each row gives a parameter's name, shape, init rule, optimizer group and how
+the artifact stores it. Both models are built to match the table exactly
+(strict loads, no rename maps), initial weights are drawn here in numpy from
+SEED (so MLX and torch start from the same bits), the optimizers take their
+groups from it, and checkpoints check their slots against it.
+
+A model feature adds its rows in one function below; nothing else lists
+parameter names.
+
+    rows = param_table(cfg)           # in init draw order
+    state = init_params(cfg)          # name -> float32 array
+    optimizer_group(name, cfg)        # 'tok' | 'head' | 'matrix' | 'scalar'; unknown name -> ValueError
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.config import MICRO_BATCHES_PER_STEP, Hyperparameters
+
+# Optimizer groups (as the official baseline splits them) and the optimizer state each keeps.
+GROUP_OPTIMIZER = {"tok": "adam", "head": "adam", "scalar": "adam", "matrix": "muon"}
+OPTIMIZER_SLOTS = {"adam": ("m", "v", "step"), "muon": ("momentum",)}
+# How the artifact stores a row: 'control' tensors (small per-channel gains) stay fp32 when small;
+# 'weight' tensors are quantized (see shared/quant/).
+STORE_KINDS = ("control", "weight")
+INIT_RULES = ("normal", "zeros", "ones", "const", "resid_mix", "linear_uniform")
+
+# Newton-Schulz quintic coefficients for Muon's orthogonalisation (Keller Jordan's Muon,
+# as in the official baseline): 5 steps push singular values into about [0.7, 1.2].
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    init: str  # one of INIT_RULES
+    group: str  # key of GROUP_OPTIMIZER
+    store: str  # one of STORE_KINDS
+    value: float = 0.0  # std for 'normal', the constant for 'const'
+
+    def __post_init__(self):
+        assert self.init in INIT_RULES and self.group in GROUP_OPTIMIZER and self.store in STORE_KINDS, self
+
+
+def num_skip_weights(cfg: Hyperparameters) -> int:
+    """U-Net skips: the first num_layers//2 blocks push, the rest pop."""
+    encoder = cfg.num_layers // 2
+    return min(encoder, cfg.num_layers - encoder)
+
+
+def _embedding_rows(cfg: Hyperparameters) -> list[Param]:
+    std = cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0  # untied: nn.Embedding's N(0, 1)
+    return [Param("tok_emb.weight", (cfg.vocab_size, cfg.model_dim), "normal", "tok", "weight", std)]
+
+
+def _skip_rows(cfg: Hyperparameters) -> list[Param]:
+    return [Param("skip_weights", (num_skip_weights(cfg), cfg.model_dim), "ones", "scalar", "control")]
+
+
+def _block_rows(cfg: Hyperparameters, i: int) -> list[Param]:
+    d, kv, hidden, p = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_mult * cfg.model_dim, f"blocks.{i}."
+    return [
+        Param(p + "attn.c_q.weight", (d, d), "linear_uniform", "matrix", "weight"),
+        Param(p + "attn.c_k.weight", (kv, d), "linear_uniform", "matrix", "weight"),
+        Param(p + "attn.c_v.weight", (kv, d), "linear_uniform", "matrix", "weight"),
+        Param(p + "attn.proj.weight", (d, d), "zeros", "matrix", "weight"),  # zero-init: blocks start as identity
+        Param(p + "attn.q_gain", (cfg.num_heads,), "const", "scalar", "control", cfg.qk_gain_init),
+        Param(p + "attn_scale", (d,), "ones", "scalar", "control"),
+        Param(p + "mlp_scale", (d,), "ones", "scalar", "control"),
+        Param(p + "resid_mix", (2, d), "resid_mix", "scalar", "control"),
+        Param(p + "mlp.fc.weight", (hidden, d), "linear_uniform", "matrix", "weight"),
+        Param(p + "mlp.proj.weight", (d, hidden), "zeros", "matrix", "weight"),
+    ]
+
+
+def _head_rows(cfg: Hyperparameters) -> list[Param]:
+    if cfg.tie_embeddings:
+        return []
+    return [Param("lm_head.weight", (cfg.vocab_size, cfg.model_dim), "zeros", "head", "weight")]
+
+
+def param_table(cfg: Hyperparameters) -> list[Param]:
+    """Every parameter, in the order init draws them (the order is part of the init)."""
+    rows = _embedding_rows(cfg) + _skip_rows(cfg)
+    for i in range(cfg.num_layers):
+        rows += _block_rows(cfg, i)
+    return rows + _head_rows(cfg)
+
+
+def param_shapes(cfg: Hyperparameters) -> dict[str, tuple[int, ...]]:
+    return {p.name: p.shape for p in param_table(cfg)}
+
+
+def row(name: str, cfg: Hyperparameters) -> Param:
+    """The table row of `name`; a tensor with no row is an error, never a silent default."""
+    for p in param_table(cfg):
+        if p.name == name:
+            return p
+    raise ValueError(f"parameter {name!r} has no row in the parameter table (shared/spec.py)")
+
+
+def optimizer_group(name: str, cfg: Hyperparameters) -> str:
+    return row(name, cfg).group
+
+
+def groups_of(names: list[str], cfg: Hyperparameters) -> dict[str, list[str]]:
+    """Optimizer group -> parameter names, in the given order; every name must have a row."""
+    table = {p.name: p.group for p in param_table(cfg)}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if name not in table:
+            raise ValueError(f"parameter {name!r} has no row in the parameter table (shared/spec.py)")
+        out.setdefault(table[name], []).append(name)
+    return out
+
+
+def group_lr(group: str, cfg: Hyperparameters) -> float:
+    return {"tok": cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr, "head": cfg.head_lr,
+            "matrix": cfg.matrix_lr, "scalar": cfg.scalar_lr}[group]
+
+
+def optimizer_slots(p: Param) -> tuple[str, ...]:
+    return OPTIMIZER_SLOTS[GROUP_OPTIMIZER[p.group]]
+
+
+def init_params(cfg: Hyperparameters, seed: int | None = None) -> dict[str, np.ndarray]:
+    """float32 initial weights, drawn in table order from one numpy generator."""
+    rng = np.random.default_rng(cfg.seed if seed is None else seed)
+    return {p.name: _init_one(p, rng).astype(np.float32) for p in param_table(cfg)}
+
+
+def _init_one(p: Param, rng: np.random.Generator) -> np.ndarray:
+    if p.init == "normal":
+        return rng.normal(0.0, p.value, size=p.shape)
+    if p.init == "zeros":
+        return np.zeros(p.shape)
+    if p.init == "ones":
+        return np.ones(p.shape)
+    if p.init == "const":
+        return np.full(p.shape, p.value)
+    if p.init == "resid_mix":
+        return np.stack([np.ones(p.shape[1]), np.zeros(p.shape[1])])  # all residual, no x0
+    bound = 1.0 / np.sqrt(p.shape[1])  # linear_uniform: nn.Linear's default kaiming-uniform(a=sqrt(5)) bound
+    return rng.uniform(-bound, bound, size=p.shape)
+
+
+def estimate_memory_bytes(cfg: Hyperparameters, tokens_in_flight: int) -> int:
+    """A lower bound of training memory, to refuse absurd sizes before an allocator does: fp32 weights,
+    grads and optimizer state (16 bytes a parameter) plus activations kept for backward, counted low:
+    ~(8 + 2*MLP_MULT)*D floats a token a layer and three vocab-sized fp32 rows for the logits."""
+    n_params = sum(int(np.prod(p.shape)) for p in param_table(cfg))
+    per_token = cfg.num_layers * (8 + 2 * cfg.mlp_mult) * cfg.model_dim + 3 * cfg.vocab_size
+    return 16 * n_params + 4 * per_token * tokens_in_flight
+
+
+def micro_batch_tokens(cfg: Hyperparameters) -> int:
+    return cfg.train_batch_tokens // MICRO_BATCHES_PER_STEP

@@ -1,0 +1,196 @@
+"""The model in PyTorch: mirrors mlx_model.py class for class and line for line.
+
+Parameter names and shapes are the table in shared/spec.py; weights come in and go
+out as numpy arrays (load_numpy_state / numpy_state), so either framework can
+continue what the other trained.
+
+    model = build_model(cfg, device, state, dtype=torch.bfloat16)
+    nll = model.token_nll(x, y)          # (B, T) nats, fp32
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shared.config import Hyperparameters
+from shared.spec import init_params, num_skip_weights
+
+# ---- numerics, written out (mlx_model.py uses the same) ----
+RMS_NORM_EPS = 1e-6  # explicit: library defaults differ by dtype and framework
+# RoPE: half-split layout, x1 = x[..., :D/2], x2 = x[..., D/2:], rotated by -theta:
+#   (x1*cos + x2*sin, -x1*sin + x2*cos), theta_{t,i} = t * ROPE_BASE^(-2i/D)
+# (the official torch baseline's direction; the official MLX twin used +theta and drifted).
+# Dtypes, with no autocast: weights are fp32 masters; every matmul casts both operands to the
+# compute dtype `dtype` (bf16 on CUDA/Metal, fp32 on CPU); the residual stream, every RMSNorm
+# (q/k included), RoPE, q_gain, the softcap and the cross-entropy run in fp32; q, k, v enter the
+# attention kernel in the compute dtype. (Torch autocast's lists happened to do this for q/k;
+# writing it out makes MLX do the same.)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x.float(), (x.size(-1),), eps=RMS_NORM_EPS)  # fp32 in, fp32 out
+
+
+class RMSNorm(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight (out, in); input and weight cast to the compute dtype at use."""
+
+    def __init__(self, in_dim: int, out_dim: int, dtype: torch.dtype):
+        super().__init__(in_dim, out_dim, bias=False)
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.dtype), self.weight.to(self.dtype))
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
+        t = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)  # (T, D/2), fp32
+        return freqs.cos()[None, None], freqs.sin()[None, None]
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.dtype = dtype
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(dim, dim, dtype)
+        self.c_k = CastedLinear(dim, kv_dim, dtype)
+        self.c_v = CastedLinear(dim, kv_dim, dtype)
+        self.proj = CastedLinear(dim, dim, dtype)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(self.head_dim, rope_base)
+        self.scale = self.head_dim ** -0.5  # explicit attention scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        bsz, seqlen, dim = x.shape
+        q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.c_v(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = rms_norm(q)  # fp32 from here to the kernel
+        k = rms_norm(k)
+        cos, sin = self.rotary(seqlen)
+        q = apply_rotary_emb(q, cos, sin)
+        k = apply_rotary_emb(k, cos, sin)
+        q = q * self.q_gain[None, :, None, None]
+        y = F.scaled_dot_product_attention(q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), is_causal=True,
+                                           scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = y.transpose(1, 2).reshape(bsz, seqlen, dim)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_mult: int, dtype: torch.dtype):
+        super().__init__()
+        self.fc = CastedLinear(dim, mlp_mult * dim, dtype)
+        self.proj = CastedLinear(mlp_mult * dim, dim, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.fc(x))
+        return self.proj(x.square())  # relu^2
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Hyperparameters, dtype: torch.dtype):
+        super().__init__()
+        dim = cfg.model_dim
+        self.attn_norm = RMSNorm()
+        self.mlp_norm = RMSNorm()
+        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.qk_gain_init, dtype)
+        self.mlp = MLP(dim, cfg.mlp_mult, dtype)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix
+        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x))
+        x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Hyperparameters, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.logit_softcap = cfg.logit_softcap
+        self.tie_embeddings = cfg.tie_embeddings
+        self.dtype = dtype
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        self.skip_weights = nn.Parameter(torch.ones(num_skip_weights(cfg), cfg.model_dim))
+        self.blocks = nn.ModuleList([Block(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm()
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        x = rms_norm(x)
+        x0 = x
+        skips = []
+        for i in range(self.num_encoder_layers):
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        for i in range(self.num_decoder_layers):
+            if skips:
+                x = x + self.skip_weights[i][None, None, :] * skips.pop()
+            x = self.blocks[self.num_encoder_layers + i](x, x0)
+        x = self.final_norm(x)
+        w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
+        z = F.linear(x.to(self.dtype), w.to(self.dtype)).float()  # (B, T, V), softcap and loss in fp32
+        return self.logit_softcap * torch.tanh(z / self.logit_softcap)
+
+    def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        logits = self.logits(input_ids)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
+        return nll.reshape(target_ids.shape)  # (B, T) nats, fp32
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        return self.token_nll(input_ids, target_ids).mean()
+
+
+def build_model(cfg: Hyperparameters, device: torch.device | str = "cpu", state: dict[str, np.ndarray] | None = None,
+                dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT on device holding `state` (default: the shared numpy init for SEED)."""
+    model = GPT(cfg, dtype).to(device)
+    load_numpy_state(model, init_params(cfg) if state is None else state)
+    return model
+
+
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Strict by name and shape; errors name the key."""
+    params = dict(model.named_parameters())
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"{name}: state has shape {tuple(state[name].shape)}, model {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(np.ascontiguousarray(state[name], dtype=np.float32)))
+
+
+def numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().cpu().numpy() for k, v in model.named_parameters()}

@@ -1,0 +1,158 @@
+"""Optimizers in PyTorch: Muon for matrices, Adam for the rest (mirrors mlx_optim.py).
+
+    opts = Optimizers(model, cfg, ns_dtype)
+    opts.zero_grad(); loss.backward(); opts.step(lr_scale, momentum)
+    opts.slots() / opts.load_slots(slots)     # framework-neutral optimizer state (shared/checkpoint.py)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from shared.config import Hyperparameters
+from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, groups_of
+
+def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+    """Approximately orthogonalise g (Muon); quintic Newton-Schulz in `dtype`."""
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    x = x / (x.norm() + NS_EPS)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+def _world_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)).
+
+    Ranks split the matrices round-robin and all-reduce the flat update (official scheme).
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
+                 compile_ns: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.ns_dtype = ns_dtype
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
+
+    @torch.no_grad()
+    def step(self):
+        world, rank = _world_rank()
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    flat[offset:offset + p.numel()] = self._update(p, group).reshape(-1)
+                offset += p.numel()
+            if world > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+    def _update(self, p: Tensor, group: dict) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
+        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+
+
+class Optimizers:
+    """Muon for the 'matrix' group, Adam for the others (groups from shared/spec.py), one step at a time."""
+
+    def __init__(self, model: nn.Module, cfg: Hyperparameters, ns_dtype: torch.dtype):
+        self.cfg = cfg
+        self.params = dict(model.named_parameters())
+        fused = next(model.parameters()).is_cuda  # fused Adam and compiled Newton-Schulz on CUDA only
+        self.opts: dict[str, torch.optim.Optimizer] = {}
+        for g, names in groups_of(list(self.params), cfg).items():
+            params, lr = [self.params[n] for n in names], group_lr(g, cfg)
+            if GROUP_OPTIMIZER[g] == "muon":
+                self.opts[g] = Muon(params, lr, cfg.muon_momentum, cfg.muon_backend_steps, ns_dtype,
+                                    fused and cfg.torch_compile)
+            else:
+                self.opts[g] = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                                fused=fused)
+            for group in self.opts[g].param_groups:
+                group["base_lr"] = lr
+
+    def zero_grad(self) -> None:
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, lr_scale: float, momentum: float) -> None:
+        """Clip the global gradient norm (GRAD_CLIP_NORM), then every group at base_lr * lr_scale."""
+        for opt in self.opts.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = momentum
+        if self.cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip_norm)
+        for opt in self.opts.values():
+            opt.step()
+
+    def slots(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every slot of every parameter as fp32/float64 numpy; zeros (step 0) before the first step. Collective."""
+        out = {}
+        for g, opt in self.opts.items():
+            for p in (q for group in opt.param_groups for q in group["params"]):
+                out[self._name(p)] = _muon_slots(opt, p) if isinstance(opt, Muon) else _adam_slots(opt, p)
+        return out
+
+    def load_slots(self, slots: dict[str, dict[str, np.ndarray]]) -> None:
+        for g, opt in self.opts.items():
+            for p in (q for group in opt.param_groups for q in group["params"]):
+                s = slots[self._name(p)]
+                if isinstance(opt, Muon):
+                    opt.state[p] = {"momentum_buffer": torch.from_numpy(s["momentum"]).to(p.device, p.dtype)}
+                else:
+                    opt.state[p] = _adam_state(opt, p, s)
+
+    def _name(self, p: Tensor) -> str:
+        return next(n for n, q in self.params.items() if q is p)
+
+
+def _muon_slots(opt: Muon, p: Tensor) -> dict[str, np.ndarray]:
+    buf = opt.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p))
+    if _world_rank()[0] > 1:  # each rank holds the buffers of the matrices it owns
+        buf = buf.clone()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return {"momentum": buf.float().cpu().numpy()}
+
+
+def _adam_slots(opt: torch.optim.Optimizer, p: Tensor) -> dict[str, np.ndarray]:
+    state = opt.state.get(p, {})
+    if not state:  # never stepped (or no gradient yet): Adam's initial state
+        zeros = np.zeros(tuple(p.shape), dtype=np.float32)
+        return {"m": zeros, "v": zeros.copy(), "step": np.zeros(1, dtype=np.float64)}
+    return {"m": state["exp_avg"].float().cpu().numpy(), "v": state["exp_avg_sq"].float().cpu().numpy(),
+            "step": np.array([float(state["step"])], dtype=np.float64)}
+
+
+def _adam_state(opt: torch.optim.Optimizer, p: Tensor, s: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    """torch's Adam keeps `step` on the CPU, except fused/capturable Adam, which needs it on the parameter's device."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    on_device = group.get("fused") or group.get("capturable")
+    return {"step": torch.tensor(float(s["step"][0]), dtype=torch.float32, device=p.device if on_device else "cpu"),
+            "exp_avg": torch.from_numpy(s["m"]).to(p.device, p.dtype),
+            "exp_avg_sq": torch.from_numpy(s["v"]).to(p.device, p.dtype)}
