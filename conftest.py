@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-try:  # mlx_train must be the first to import mlx: it puts a fast BLAS under mlx[cpu] (see its docstring)
-    import mlx_train  # noqa: F401
+try:  # mlx_cpu_ops must be the first to import mlx: it puts a fast BLAS under mlx[cpu] (see its docstring)
+    import mlx_cpu_ops  # noqa: F401
 except ImportError:
     pass
 

@@ -69,7 +69,14 @@ class FusedOps:
 # |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation < 1e-8) and 2^n from the exponent bits.
 LN2_HI, LN2_LO = 0.693145751953125, 1.428606765330187e-06
 EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(8))
-EXP_MIN, EXP_MAX = -87.3, 88.7  # float32 normal range; below EXP_MIN the result is exactly 0
+# Below EXP_MIN the result is exactly 0 (e^-87.3 is near the smallest normal float32, 1.2e-38). Above EXP_MAX it
+# saturates at e^88.3 ~ 2.2e38, finite: 2^n comes from the exponent bits, so n = round(x/ln2) must stay <= 127,
+# i.e. x < 127.5 ln2 = 88.376 (88.3 leaves margin for the rounding of x/ln2). At 88.7, as before, n reached 128,
+# 2^n was inf, and backward passes through the result (softcap tanh, vjp's cotangent * output) made 0 * inf = NaN.
+EXP_MIN, EXP_MAX = -87.3, 88.3
+# tanh(u) rounds to exactly +-1.0f once 1 - |tanh(u)| ~ 2e^-2|u| < 2^-25 (half an ulp below 1), i.e. |u| >= 9.01;
+# clamping |u| at 15 thus changes no output and keeps exp(2u) <= e^30 ~ 1e13, far from any overflow.
+TANH_CLAMP = 15.0
 
 
 def _exp_poly(x: mx.array) -> mx.array:
@@ -93,12 +100,25 @@ def _composed_exp_vjp(primals, cotangent, output):
     return cotangent * output  # d/dx e^x = e^x: no second exp in the backward pass
 
 
+@mx.custom_function
+def composed_tanh(u: mx.array) -> mx.array:
+    u = mx.clip(u, -TANH_CLAMP, TANH_CLAMP)  # exact: see TANH_CLAMP
+    return 1.0 - 2.0 / (composed_exp(2.0 * u) + 1.0)
+
+
+@composed_tanh.vjp
+def _composed_tanh_vjp(primals, cotangent, output):
+    # d/du tanh = 1 - tanh^2, from the output as torch does: 0 where tanh is +-1, exactly 1 at u = 0 (a zero-init
+    # head gives all-zero logits at step 0). (1 - t)(1 + t): 1 - t is exact near +-1, where 1 - t*t would cancel.
+    return cotangent * ((1.0 - output) * (1.0 + output))
+
+
 class ComposedOps:
     """The same maths from composed_exp: for CPUs (mlx[cpu]); agrees with FusedOps to ~1e-6."""
 
     @staticmethod
     def tanh(u: mx.array) -> mx.array:
-        return 1.0 - 2.0 / (composed_exp(2.0 * u) + 1.0)
+        return composed_tanh(u)
 
     @staticmethod
     def token_nll(logits: mx.array, targets: mx.array) -> mx.array:

@@ -1,8 +1,14 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
-from shared.config import Hyperparameters, artifact_config_for_env
+from shared.config import (ROLES, Hyperparameters, artifact_config_for_env, fields_with_role, near_misses,
+                           with_run_id)
+from tests.conftest import ROOT
+
+TINY = Hyperparameters.from_env({"PRESET": "tiny"})
 
 
 def test_defaults_are_the_official_baseline():
@@ -31,10 +37,33 @@ def test_env_names_override_and_preset_keeps_official_names():
     ({"ITERATIONS": "1.5"}, "ITERATIONS"),
     ({"PRESET": "huge"}, "PRESET"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
+    ({"MATRIX_LR": "-0.01"}, "MATRIX_LR"),
+    ({"SCALAR_LR": "-0.01"}, "SCALAR_LR"),
+    ({"EMBED_LR": "-0.01"}, "EMBED_LR"),
+    ({"HEAD_LR": "-0.01"}, "HEAD_LR"),
+    ({"TIED_EMBED_LR": "-0.01"}, "TIED_EMBED_LR"),
+    ({"ADAM_EPS": "0"}, "ADAM_EPS"),
+    ({"SEED": "-1"}, "SEED"),
+    ({"SEED": str(2**32)}, "SEED"),
+    ({"RUN_ID": ".hidden"}, "RUN_ID"),
+    ({"RUN_ID": "a/b"}, "RUN_ID"),
+    ({"RUN_ID": ".."}, "RUN_ID"),
+    ({"ARTIFACT_PATH": "out/"}, "ARTIFACT_PATH"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
         Hyperparameters.from_env(env)
+
+
+@pytest.mark.parametrize("env", [
+    {"RUN_ID": ""}, {"RUN_ID": "run-1.b_2"}, {"MATRIX_LR": "0"}, {"SEED": "0"}, {"SEED": str(2**32 - 1)},
+    {"ARTIFACT_PATH": "out/a.int8.zst"}, {"ADAM_EPS": "1e-12"},
+])
+def test_edge_values_that_are_allowed(env):
+    cfg = Hyperparameters.from_env(env)
+    (key, raw), = env.items()
+    value = getattr(cfg, key.lower())
+    assert value == type(value)(raw)
 
 
 def test_json_round_trip_and_unknown_key():
@@ -44,19 +73,79 @@ def test_json_round_trip_and_unknown_key():
         Hyperparameters.from_json('{"bogus": 1}')
 
 
-def test_parsing_happens_only_on_request(monkeypatch):
-    monkeypatch.setenv("NUM_LAYERS", "not-a-number")
-    import importlib
-    import shared.config
-    importlib.reload(shared.config)  # import must not read the environment
-    with pytest.raises(ValueError):
-        shared.config.Hyperparameters.from_env(__import__("os").environ)
+def test_parsing_happens_only_on_request():
+    # A fresh interpreter (not importlib.reload, which would swap the class under other modules' feet):
+    # importing every config reader with a broken knob in the environment must succeed.
+    code = ("import os, shared.config, shared.spec, shared.schedule, shared.artifact, shared.checkpoint\n"
+            "try:\n    shared.config.Hyperparameters.from_env(os.environ)\n"
+            "except ValueError as e:\n    print('raised', e)\n")
+    env = {"NUM_LAYERS": "not-a-number", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "raised NUM_LAYERS='not-a-number'" in res.stdout
 
 
-def test_artifact_config_rejects_a_model_change():
-    trained = Hyperparameters.from_env({"PRESET": "tiny"})
-    ok = artifact_config_for_env(trained, {"VAL_BATCH_SIZE": "4096"}, "a.zst")
-    assert ok.val_batch_size == 4096 and ok.num_layers == trained.num_layers
-    with pytest.raises(ValueError, match="NUM_LAYERS"):
-        artifact_config_for_env(trained, {"NUM_LAYERS": "9"}, "a.zst")
-    assert dataclasses.replace(trained) == trained
+def test_every_field_has_a_role():
+    for f in dataclasses.fields(Hyperparameters):
+        assert f.metadata.get("role") in ROLES, f.name
+    assert sorted(sum((fields_with_role(r) for r in ROLES), ())) == sorted(f.name for f in dataclasses.fields(Hyperparameters))
+
+
+def test_architecture_knobs_are_model_fields():
+    model = set(fields_with_role("model"))
+    assert {"vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult", "tie_embeddings",
+            "rope_base", "logit_softcap"} <= model
+    # the optimizer and the run length are not part of what an artifact is valid under
+    assert not {"matrix_lr", "seed", "iterations", "val_batch_size", "compute_dtype"} & model
+    assert {"matrix_lr", "seed", "warmdown_iters", "train_seq_len"} <= set(fields_with_role("train"))
+
+
+@pytest.mark.parametrize("name,raw,attr,value", [
+    ("VAL_BATCH_SIZE", "4096", "val_batch_size", 4096),
+    ("EVAL_STRIDE", "64", "eval_stride", 64),
+    ("RUN_ID", "eval-1", "run_id", "eval-1"),
+    ("MLX_STREAMS", "3", "mlx_streams", 3),
+    ("COMPUTE_DTYPE", "float32", "compute_dtype", "float32"),
+])
+def test_artifact_config_accepts_eval_run_and_backend_overrides(name, raw, attr, value):
+    cfg = artifact_config_for_env(TINY, {name: raw}, "a.zst")
+    assert getattr(cfg, attr) == value and getattr(TINY, attr) != value
+    assert dataclasses.replace(cfg, **{attr: getattr(TINY, attr)}) == TINY  # nothing else moved
+
+
+@pytest.mark.parametrize("name,raw,old,new", [
+    ("NUM_LAYERS", "9", "2", "9"),  # model
+    ("MODEL_DIM", "128", "64", "128"),  # model
+    ("MATRIX_LR", "0.02", "0.04", "0.02"),  # train
+    ("SEED", "7", "1337", "7"),  # train
+])
+def test_artifact_config_rejects_model_and_train_overrides(name, raw, old, new):
+    with pytest.raises(ValueError) as info:
+        artifact_config_for_env(TINY, {name: raw}, "a.zst")
+    msg = str(info.value)
+    assert "a.zst" in msg and f"{name}={old}" in msg and f"{name}={new}" in msg, msg
+
+
+def test_artifact_config_accepts_the_artifacts_own_values():
+    same = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "MATRIX_LR": "0.04", "SEED": "1337", "PRESET": "baseline"}
+    assert artifact_config_for_env(TINY, same, "a.zst") == TINY  # base is the artifact's config, not the preset
+
+
+def test_near_misses_warn_for_typos_only():
+    warnings = near_misses({"NUM_LAYER": "3", "MATRX_LR": "0.1"})
+    assert len(warnings) == 2
+    assert any("NUM_LAYER " in w and "NUM_LAYERS" in w for w in warnings), warnings
+    assert any("MATRX_LR " in w and "MATRIX_LR" in w for w in warnings), warnings
+    innocent = {k: "1" for k in ("PATH", "HOME", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS", "PRESET",
+                                 "NUM_LAYERS", "MATRIX_LR", "RUN_ID", "MLX_STREAMS", "USER", "PWD", "SHELL",
+                                 "TERM")}
+    assert near_misses(innocent) == []  # USER, PWD, SHELL, TERM are 3 edits from SEED: past the limit of 2
+    assert near_misses({"NUM_LAY": "1"}) == []  # 3 edits from NUM_LAYERS
+    assert len(near_misses({"SEED_": "1", "BETA3": "1", "NUM_HEAD": "4"})) == 3  # 1 edit each
+    assert near_misses({"NUM_LAYRES": "3"}) == ["NUM_LAYRES is not a knob; did you mean NUM_LAYERS?"]  # 2 edits
+
+
+def test_with_run_id_keeps_a_set_id_and_fills_an_empty_one():
+    assert with_run_id(dataclasses.replace(TINY, run_id="mine"), "fresh").run_id == "mine"
+    filled = with_run_id(dataclasses.replace(TINY, run_id=""), "fresh")
+    assert filled.run_id == "fresh" and dataclasses.replace(filled, run_id="") == dataclasses.replace(TINY, run_id="")

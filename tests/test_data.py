@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from shared.data import (HEADER_BYTES, TokenLoader, list_shards, load_shard, read_shard_header, write_shard)
+from shared.data import (HEADER_BYTES, TokenLoader, TokenStream, list_shards, load_shard, read_shard_header,
+                         write_shard)
 
 
 def test_round_trip_and_exact_layout(tmp_path):
@@ -99,3 +100,52 @@ def test_world_size_must_divide_8(tmp_path):
     pattern, _ = _write_stream(tmp_path)
     with pytest.raises(ValueError, match="WORLD_SIZE=3"):
         TokenLoader(pattern, 0, 3)
+
+
+def test_train_shards_of_zero_tokens_are_refused_at_open(tmp_path):
+    for i in range(2):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.array([], dtype=np.uint16))
+    with pytest.raises(ValueError, match="0 tokens"):
+        TokenStream(str(tmp_path / "fineweb_train_*.bin"))  # used to spin forever in take()
+
+
+def test_an_empty_shard_among_full_ones_is_skipped(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.array([1, 2, 3], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.array([], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_train_000002.bin", np.array([4, 5], dtype=np.uint16))
+    stream = TokenStream(str(tmp_path / "fineweb_train_*.bin"))
+    assert stream.take(7).tolist() == [1, 2, 3, 4, 5, 1, 2]  # wraps past the empty one
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(magic=1234), "magic"), (dict(count=9), "header says 9 tokens")])
+def test_a_corrupt_later_shard_fails_at_open_by_name(tmp_path, kwargs, match):
+    pattern, _ = _write_stream(tmp_path)
+    bad = _bad_header(tmp_path / "fineweb_train_000001.bin", **kwargs)  # replaces the second of three shards
+    with pytest.raises(ValueError, match=match) as info:
+        TokenStream(pattern)  # before any token of the first shard is read
+    assert str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("state", [{"file_idx": 3, "pos": 0}, {"file_idx": -1, "pos": 0},
+                                   {"file_idx": 0, "pos": 1668}, {"file_idx": 2, "pos": -1},
+                                   {"file_idx": 0}, {"file_idx": "x", "pos": 0}])
+def test_restore_refuses_a_position_outside_the_shards(tmp_path, state):
+    pattern, _ = _write_stream(tmp_path)  # 5000 tokens in 3 shards: 1667, 1667, 1666
+    stream = TokenStream(pattern)
+    with pytest.raises(ValueError, match="file_idx"):
+        stream.restore(state)
+
+
+def test_restore_at_the_end_of_a_shard_continues_in_the_next(tmp_path):
+    pattern, tokens = _write_stream(tmp_path)
+    stream = TokenStream(pattern)
+    stream.restore({"file_idx": 0, "pos": 1667})
+    np.testing.assert_array_equal(stream.take(5), tokens[1667:1672])
+    stream.restore({"file_idx": 2, "pos": 1665})
+    np.testing.assert_array_equal(stream.take(3), np.concatenate([tokens[4999:], tokens[:2]]))  # wraps
+
+
+def test_fingerprint_lists_every_shard_and_its_count(tmp_path):
+    pattern, _ = _write_stream(tmp_path)
+    assert TokenStream(pattern).fingerprint() == [["fineweb_train_000000.bin", 1667], ["fineweb_train_000001.bin", 1667],
+                                                  ["fineweb_train_000002.bin", 1666]]

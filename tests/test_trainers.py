@@ -1,4 +1,7 @@
 """Both trainers on CPU (fp32): training, artifacts, eval mode, resume, bad inputs. Same checks for each."""
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,7 +16,7 @@ TRAINERS = ["cuda_train.py", "mlx_train.py"]
 @pytest.fixture(scope="module", params=TRAINERS)
 def trained(request, tiny_data, tmp_path_factory):
     if request.param == "mlx_train.py":
-        pytest.importorskip("mlx_train")
+        pytest.importorskip("mlx_model")
     tmp = tmp_path_factory.mktemp(request.param.split(".")[0])
     env = tiny_env(tiny_data, tmp, ITERATIONS=30)
     trainer = str(ROOT / request.param)
@@ -51,7 +54,7 @@ def test_eval_rejects_a_corrupt_artifact(trained, tmp_path):
 
 def _trainer(name: str) -> str:
     if name == "mlx_train.py":
-        pytest.importorskip("mlx_train")
+        pytest.importorskip("mlx_model")
     return str(ROOT / name)
 
 
@@ -111,7 +114,8 @@ def test_short_validation_split_is_a_clear_error(tiny_data, tmp_path, name):
     train = (ROOT / tiny_data["DATA_PATH"] / "fineweb_train_000000.bin").read_bytes()
     (data / "fineweb_train_000000.bin").write_bytes(train)
     write_shard(data / "fineweb_val_000000.bin", np.arange(20, dtype=np.uint16))
-    res = run_script([_trainer(name)], tiny_env(tiny_data, tmp_path, DATA_PATH=str(data)), tmp_path, check=False)
+    env = tiny_env(tiny_data, tmp_path, DATA_PATH=str(data), TOKENIZER_CHECK=0)
+    res = run_script([_trainer(name)], env, tmp_path, check=False)
     assert res.returncode != 0 and "fewer than one window" in res.stderr
 
 
@@ -132,3 +136,139 @@ def test_mlx_microbatch_chunking_does_not_change_training(tiny_data, tmp_path):
 def test_mlx_ops_knob_is_validated(tiny_data, tmp_path):
     res = run_script([_trainer("mlx_train.py")], tiny_env(tiny_data, tmp_path, MLX_OPS="fast"), tmp_path, check=False)
     assert res.returncode != 0 and "MLX_OPS" in res.stderr
+
+
+# ---- defects found by hostile testing: each failed before the fix ----
+def _no_training(res) -> bool:
+    return not any(line.startswith(("step:", "warmup_step:")) for line in res.stdout.splitlines())
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_resume_past_the_last_step_stops_instead_of_training_forever(tiny_data, tmp_path, name):
+    trainer, ck = _trainer(name), str(tmp_path / "c.ckpt")
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=6, CHECKPOINT_EVERY=6, CHECKPOINT_PATH=ck, WARMUP_STEPS=0)
+    run_script([trainer], env, tmp_path)
+    res = run_script([trainer, "--resume", ck], dict(env, ITERATIONS="4"), tmp_path)  # timeout=600 guards a hang
+    assert "train_loss" not in res.stdout.split("resumed:")[1] and "final_roundtrip_exact" in res.stdout
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_weights_beyond_fp16_keep_the_previous_artifact_and_fail(tiny_data, tmp_path, name):
+    """Embeddings pushed past 65,504 train on (RMSNorm hides them) but would be inf in the fp16 artifact."""
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=3, WARMUP_STEPS=0, TIED_EMBED_LR=1e6)
+    Path(env["ARTIFACT_PATH"]).write_bytes(b"previous artifact")
+    res = run_script([_trainer(name)], env, tmp_path, check=False)
+    assert res.returncode != 0 and "tok_emb.weight" in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert Path(env["ARTIFACT_PATH"]).read_bytes() == b"previous artifact"
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_empty_train_split_is_an_error_not_a_hang(tiny_data, tmp_path, name):
+    data = tmp_path / "empty"
+    data.mkdir()
+    (data / "fineweb_val_000000.bin").write_bytes((Path(tiny_data["DATA_PATH"]) / "fineweb_val_000000.bin").read_bytes())
+    write_shard(data / "fineweb_train_000000.bin", np.zeros(0, dtype=np.uint16))
+    write_shard(data / "fineweb_train_000001.bin", np.zeros(0, dtype=np.uint16))
+    env = tiny_env(tiny_data, tmp_path, DATA_PATH=str(data), TOKENIZER_CHECK=0)
+    res = run_script([_trainer(name)], env, tmp_path, check=False)
+    assert res.returncode != 0 and "0 tokens" in res.stderr and _no_training(res), res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_a_corrupt_later_train_shard_fails_at_start(tiny_data, tmp_path, name):
+    data = tmp_path / "bad2"
+    data.mkdir()
+    for f in Path(tiny_data["DATA_PATH"]).glob("fineweb_*.bin"):
+        (data / f.name).write_bytes(f.read_bytes())
+    second = data / "fineweb_train_000001.bin"
+    second.write_bytes(second.read_bytes()[:-7])
+    env = tiny_env(tiny_data, tmp_path, DATA_PATH=str(data), TOKENIZER_CHECK=0)
+    res = run_script([_trainer(name)], env, tmp_path, check=False)
+    assert res.returncode != 0 and "fineweb_train_000001.bin" in res.stderr and _no_training(res), res.stderr[-1500:]
+
+
+OUTPUT_PATHS = [
+    ({"ARTIFACT_PATH": "{tmp}/file.txt/a.int8.zst"}, "ARTIFACT_PATH"),
+    ({"ARTIFACT_PATH": "{tmp}"}, "ARTIFACT_PATH"),
+    ({"CHECKPOINT_EVERY": "2", "CHECKPOINT_PATH": "{tmp}/x_{{steps}}.ckpt"}, "CHECKPOINT_PATH"),
+    ({"CHECKPOINT_EVERY": "2", "CHECKPOINT_PATH": "{tmp}"}, "CHECKPOINT_PATH"),
+]
+
+
+@pytest.mark.parametrize("overrides,var", OUTPUT_PATHS)
+def test_bad_output_paths_fail_before_training(tiny_data, tmp_path, overrides, var):
+    (tmp_path / "file.txt").write_text("x")
+    env = tiny_env(tiny_data, tmp_path, **{k: v.format(tmp=tmp_path) for k, v in overrides.items()})
+    res = run_script([str(ROOT / "cuda_train.py")], env, tmp_path, check=False)
+    assert res.returncode != 0 and var in res.stderr and _no_training(res), res.stderr[-1500:]
+
+
+CONFIG_ERRORS = [
+    ({"MATRIX_LR": "-0.01"}, "MATRIX_LR"),
+    ({"ADAM_EPS": "0"}, "ADAM_EPS"),
+    ({"SEED": "-1"}, "SEED"),
+    ({"RUN_ID": ".hidden"}, "RUN_ID"),
+    ({"MODEL_DIM": "65536", "NUM_HEADS": "64", "NUM_KV_HEADS": "64", "NUM_LAYERS": "64"}, "GiB"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CONFIG_ERRORS)
+def test_config_gaps_are_named_errors(tiny_data, tmp_path, overrides, message):
+    res = run_script([str(ROOT / "cuda_train.py")], tiny_env(tiny_data, tmp_path, **overrides), tmp_path, check=False)
+    assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+def test_default_run_id_is_unique_and_log_header_records_what_ran(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=1, WARMUP_STEPS=0, NUM_LAYER="3")
+    env.pop("RUN_ID"), env.pop("ARTIFACT_PATH")
+    for _ in range(2):
+        run_script([str(ROOT / "cuda_train.py")], env, tmp_path)
+    logs = sorted((tmp_path / "logs").glob("*.txt"))
+    assert len(logs) == 2, logs
+    text = logs[0].read_text()
+    assert "warning: NUM_LAYER is not a knob; did you mean NUM_LAYERS?" in text
+    sources = next(line for line in text.splitlines() if line.startswith("sources:"))
+    assert "shared/loop.py=" in sources and "torch_model.py=" in sources and "git_commit:" in text
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_resume_accepts_another_spelling_of_the_data_path_and_primes(tiny_data, tmp_path, name):
+    trainer, ck = _trainer(name), str(tmp_path / "c.ckpt")
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=4, CHECKPOINT_EVERY=2, CHECKPOINT_PATH=ck, WARMUP_STEPS=1)
+    run_script([trainer], env, tmp_path)
+    other = os.path.relpath(tiny_data["DATA_PATH"], tmp_path) + "/."
+    res = run_script([trainer, "--resume", ck], dict(env, DATA_PATH=other), tmp_path)
+    assert "warmup_step:1/1" in res.stdout.split("resumed:")[1]  # compile time stays out of the timed training
+
+
+def test_resume_on_other_data_is_refused(tiny_data, tmp_path):
+    trainer, ck = str(ROOT / "cuda_train.py"), str(tmp_path / "c.ckpt")
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=2, CHECKPOINT_EVERY=2, CHECKPOINT_PATH=ck, WARMUP_STEPS=0)
+    run_script([trainer], env, tmp_path)
+    data = tmp_path / "fewer"
+    data.mkdir()
+    for f in Path(tiny_data["DATA_PATH"]).glob("fineweb_*_000000.bin"):
+        (data / f.name).write_bytes(f.read_bytes())
+    res = run_script([trainer, "--resume", ck], dict(env, DATA_PATH=str(data), TOKENIZER_CHECK="0"), tmp_path,
+                     check=False)
+    assert res.returncode != 0 and "train_shards" in res.stderr, res.stderr[-1500:]
+
+
+def test_eval_refuses_a_tokenizer_other_than_the_artifacts(trained, tmp_path):
+    from data.build import train_tokenizer
+    from data.corpus import demo_documents
+    other = tmp_path / "other.model"
+    train_tokenizer(demo_documents()[200:260], other, 384)
+    env = dict(trained["env"], TOKENIZER_PATH=str(other), TOKENIZER_CHECK="0")  # past the dataset check
+    res = run_script([trained["trainer"], "--eval", trained["env"]["ARTIFACT_PATH"]], env, tmp_path, check=False)
+    assert "warning: artifact" in res.stdout and "tokenizer sha256" in res.stdout
+    res = run_script([trained["trainer"], "--eval", trained["env"]["ARTIFACT_PATH"]],
+                     dict(env, TOKENIZER_CHECK="1"), tmp_path, check=False)
+    assert res.returncode != 0 and "TOKENIZER_PATH" in res.stderr, res.stderr[-1500:]
+
+
+def test_eval_log_starts_with_the_effective_config(trained):
+    log = Path(trained["tmp"]) / "logs" / f"eval_{Path(trained['env']['ARTIFACT_PATH']).stem}.txt"
+    run_script([trained["trainer"], "--eval", trained["env"]["ARTIFACT_PATH"]],
+               dict(trained["env"], VAL_BATCH_SIZE="2048"), trained["tmp"])
+    assert '"val_batch_size": 2048' in log.read_text()

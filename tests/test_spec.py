@@ -1,0 +1,114 @@
+"""shared/spec.py: the parameter table, its init rules and the optimizer groups, checked by hand."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from shared.config import Hyperparameters
+from shared.spec import (GROUP_OPTIMIZER, INIT_RULES, STORE_KINDS, estimate_memory_bytes, groups_of, init_params,
+                         optimizer_group, param_table)
+
+BASELINE = Hyperparameters()
+TINY = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "32",
+                                 "TRAIN_BATCH_TOKENS": "1024", "MLX_MAX_MICROBATCH_TOKENS": "256"})
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def baseline_init():
+    return init_params(BASELINE)
+
+
+@pytest.mark.parametrize("cfg", [BASELINE, TINY, dataclasses.replace(TINY, tie_embeddings=False, num_layers=3)])
+def test_rows_are_unique_and_valid(cfg):
+    rows = param_table(cfg)
+    names = [p.name for p in rows]
+    assert len(names) == len(set(names))
+    for p in rows:
+        assert p.group in GROUP_OPTIMIZER and p.store in STORE_KINDS and p.init in INIT_RULES, p
+        assert p.shape and all(isinstance(n, int) and n > 0 for n in p.shape), p
+
+
+def test_baseline_parameter_count_is_the_official_one():
+    # The official baseline logs model_params:17059912 (9 blocks of 1,837,064 + 1024x512 tok_emb + 4x512 skips).
+    assert sum(int(np.prod(p.shape)) for p in param_table(BASELINE)) == 17_059_912
+
+
+def test_optimizer_groups_follow_the_official_split():
+    assert optimizer_group("tok_emb.weight", TINY) == "tok"
+    for name in ("blocks.0.attn.c_q.weight", "blocks.1.attn.c_v.weight", "blocks.1.mlp.proj.weight"):
+        assert optimizer_group(name, TINY) == "matrix", name
+    # 2-D control tensors are Adam scalars, not Muon matrices (the official CONTROL_TENSOR_NAME_PATTERNS)
+    for name in ("skip_weights", "blocks.0.resid_mix", "blocks.1.attn.q_gain", "blocks.0.mlp_scale"):
+        assert optimizer_group(name, TINY) == "scalar", name
+    assert optimizer_group("lm_head.weight", dataclasses.replace(TINY, tie_embeddings=False)) == "head"
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.c_q.weights", "blocks.2.attn.c_q.weight", "lm_head.weight", "x"])
+def test_a_name_without_a_row_is_an_error(name):
+    # tiny has 2 blocks and tied embeddings: none of these exist, and none may default to 'scalar'
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        optimizer_group(name, TINY)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        groups_of(["tok_emb.weight", name], TINY)
+
+
+def test_groups_of_keeps_the_given_order():
+    names = ["blocks.1.mlp.fc.weight", "skip_weights", "blocks.0.attn.c_q.weight", "tok_emb.weight"]
+    assert groups_of(names, TINY) == {"matrix": ["blocks.1.mlp.fc.weight", "blocks.0.attn.c_q.weight"],
+                                      "scalar": ["skip_weights"], "tok": ["tok_emb.weight"]}
+
+
+def test_init_is_deterministic_per_seed(baseline_init):
+    again = init_params(BASELINE)
+    other = init_params(BASELINE, seed=BASELINE.seed + 1)
+    for name, w in baseline_init.items():
+        assert w.dtype == np.float32, name
+        np.testing.assert_array_equal(again[name], w, err_msg=name)
+    for name in ("tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.8.mlp.fc.weight"):
+        assert not np.array_equal(other[name], baseline_init[name]), name
+    np.testing.assert_array_equal(other["blocks.3.attn.proj.weight"], baseline_init["blocks.3.attn.proj.weight"])
+
+
+def test_init_values_by_hand(baseline_init):
+    w = baseline_init
+    for i in range(9):
+        b = f"blocks.{i}."
+        assert not w[b + "attn.proj.weight"].any() and not w[b + "mlp.proj.weight"].any(), i  # blocks start as identity
+        assert np.all(w[b + "attn_scale"] == 1.0) and np.all(w[b + "mlp_scale"] == 1.0), i
+        assert np.all(w[b + "attn.q_gain"] == 1.5) and w[b + "attn.q_gain"].shape == (8,), i
+        assert w[b + "resid_mix"].shape == (2, 512)
+        assert np.all(w[b + "resid_mix"][0] == 1.0) and np.all(w[b + "resid_mix"][1] == 0.0), i
+    assert w["skip_weights"].shape == (4, 512) and np.all(w["skip_weights"] == 1.0)
+    emb = w["tok_emb.weight"].astype(np.float64)  # 524,288 draws: the sample std is within ~0.1% of 0.005
+    assert 0.0049 < emb.std() < 0.0051 and abs(emb.mean()) < 5e-5
+    # nn.Linear's default bound is 1/sqrt(in_features); in = model_dim = 512 for c_q/c_k/c_v/fc.
+    bound = 1.0 / np.sqrt(512.0)
+    for name in ("blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.0.attn.c_v.weight",
+                 "blocks.0.mlp.fc.weight"):
+        a = np.abs(w[name])
+        assert a.max() <= bound and a.max() > 0.99 * bound, name  # fills [-bound, bound], not a narrower range
+        assert 0.45 * bound < a.mean() < 0.55 * bound, name  # uniform: mean |w| = bound/2
+
+
+def test_init_follows_the_config():
+    cfg = dataclasses.replace(TINY, qk_gain_init=2.25, tied_embed_init_std=0.02, seed=9)
+    w = init_params(cfg)
+    assert np.all(w["blocks.1.attn.q_gain"] == 2.25)
+    assert 0.018 < w["tok_emb.weight"].std() < 0.022  # 128x64 draws
+    assert np.abs(w["blocks.0.attn.c_k.weight"]).max() <= 1.0 / 8.0  # in = 64
+    untied = init_params(dataclasses.replace(TINY, tie_embeddings=False))
+    assert 0.9 < untied["tok_emb.weight"].std() < 1.1  # untied: nn.Embedding's N(0, 1)
+    assert untied["lm_head.weight"].shape == (128, 64) and not untied["lm_head.weight"].any()
+
+
+def test_memory_estimate_grows_and_refuses_absurd_sizes():
+    base = estimate_memory_bytes(BASELINE, 0)
+    assert base >= 16 * 17_059_912  # at least fp32 weights, grads and two Adam moments
+    assert estimate_memory_bytes(BASELINE, 65_536) > base
+    assert estimate_memory_bytes(dataclasses.replace(BASELINE, num_layers=18), 0) > base
+    assert estimate_memory_bytes(dataclasses.replace(BASELINE, model_dim=1024), 0) > base
+    assert base < 4 * GiB  # the baseline must not be refused on a 24 GiB card
+    absurd = dataclasses.replace(BASELINE, model_dim=65_536, num_layers=64)
+    # c_q and attn.proj alone are 2 * 65536^2 parameters a layer: 64 * 2 * 2^32 * 16 bytes = 8 TiB.
+    assert estimate_memory_bytes(absurd, 0) >= 16 * 64 * 2 * 65_536**2 > 24 * GiB
