@@ -14,9 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zstandard  # noqa: E402
 from safetensors.numpy import save as st_save  # noqa: E402
 
-from shared.artifact import encode_artifact, quantize  # noqa: E402
+from shared.artifact import encode_artifact  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
-from shared.model_spec import init_params  # noqa: E402
+from shared.quant.int8 import quantize  # noqa: E402
+from shared.spec import init_params, param_table  # noqa: E402
 
 
 def random_state(cfg: Hyperparameters):
@@ -33,7 +34,7 @@ def main() -> None:
     cfg = Hyperparameters()
     state = random_state(cfg)
     print(f"params:{sum(v.size for v in state.values())}")
-    tensors, _ = quantize(state)
+    tensors, _ = quantize(state, {p.name: p.store for p in param_table(cfg)})
     raw = st_save(tensors)
     t0 = time.perf_counter()
     z = zlib.compress(raw, 9)

@@ -83,13 +83,21 @@ def test_resume_rejects_a_different_model(tiny_data, tmp_path, name):
 @pytest.mark.parametrize("name", TRAINERS)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, name):
     ck = tmp_path / "c.ckpt"
+    ck.write_bytes(b"previous checkpoint")
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=10, CHECKPOINT_EVERY=1, CHECKPOINT_PATH=str(ck),
                    MATRIX_LR="1e15", SCALAR_LR="1e15")
     res = run_script([_trainer(name)], env, tmp_path, check=False)
     assert res.returncode != 0 and ("non-finite" in res.stderr or "train_loss is nan" in res.stderr), res.stderr[-2000:]
-    if ck.exists():
+    if ck.read_bytes() != b"previous checkpoint":  # a checkpoint of a step before the blow-up is allowed, if finite
         from safetensors.numpy import load_file
         assert all(np.isfinite(v).all() for v in load_file(ck).values())
+
+
+def test_rank0_failing_to_write_the_artifact_stops_every_rank(tiny_data, tmp_path):
+    """Rank 0's failure reaches the other ranks (before: they waited at a barrier until the timeout)."""
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=2, WARMUP_STEPS=0, TIED_EMBED_LR=1e6)
+    res = run_script([str(ROOT / "cuda_train.py")], env, tmp_path, check=False, torchrun=2)  # timeout 600 s
+    assert res.returncode != 0 and "tok_emb.weight" in res.stderr + res.stdout and "rank 0 failed" in res.stderr
 
 
 BAD_INPUTS = [
