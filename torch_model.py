@@ -193,4 +193,10 @@ def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
 
 
 def numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().cpu().numpy() for k, v in model.named_parameters()}
+    """Copies (never views of the live parameters, which the optimizer updates in place)."""
+    return {k: to_numpy(v) for k, v in model.named_parameters()}
+
+
+def to_numpy(t: Tensor) -> np.ndarray:
+    """An fp32 numpy copy: on a CPU .numpy() would share memory with the tensor."""
+    return t.detach().float().cpu().numpy().copy()

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from shared.config import Hyperparameters
 from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, groups_of
+from torch_model import to_numpy
 
 def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     """Approximately orthogonalise g (Muon); quintic Newton-Schulz in `dtype`."""
@@ -124,7 +125,7 @@ class Optimizers:
             for p in (q for group in opt.param_groups for q in group["params"]):
                 s = slots[self._name(p)]
                 if isinstance(opt, Muon):
-                    opt.state[p] = {"momentum_buffer": torch.from_numpy(s["momentum"]).to(p.device, p.dtype)}
+                    opt.state[p] = {"momentum_buffer": _like(s["momentum"], p)}
                 else:
                     opt.state[p] = _adam_state(opt, p, s)
 
@@ -137,7 +138,7 @@ def _muon_slots(opt: Muon, p: Tensor) -> dict[str, np.ndarray]:
     if _world_rank()[0] > 1:  # each rank holds the buffers of the matrices it owns
         buf = buf.clone()
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return {"momentum": buf.float().cpu().numpy()}
+    return {"momentum": to_numpy(buf)}
 
 
 def _adam_slots(opt: torch.optim.Optimizer, p: Tensor) -> dict[str, np.ndarray]:
@@ -145,7 +146,7 @@ def _adam_slots(opt: torch.optim.Optimizer, p: Tensor) -> dict[str, np.ndarray]:
     if not state:  # never stepped (or no gradient yet): Adam's initial state
         zeros = np.zeros(tuple(p.shape), dtype=np.float32)
         return {"m": zeros, "v": zeros.copy(), "step": np.zeros(1, dtype=np.float64)}
-    return {"m": state["exp_avg"].float().cpu().numpy(), "v": state["exp_avg_sq"].float().cpu().numpy(),
+    return {"m": to_numpy(state["exp_avg"]), "v": to_numpy(state["exp_avg_sq"]),
             "step": np.array([float(state["step"])], dtype=np.float64)}
 
 
@@ -154,5 +155,9 @@ def _adam_state(opt: torch.optim.Optimizer, p: Tensor, s: dict[str, np.ndarray])
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     on_device = group.get("fused") or group.get("capturable")
     return {"step": torch.tensor(float(s["step"][0]), dtype=torch.float32, device=p.device if on_device else "cpu"),
-            "exp_avg": torch.from_numpy(s["m"]).to(p.device, p.dtype),
-            "exp_avg_sq": torch.from_numpy(s["v"]).to(p.device, p.dtype)}
+            "exp_avg": _like(s["m"], p), "exp_avg_sq": _like(s["v"], p)}
+
+
+def _like(a: np.ndarray, p: Tensor) -> Tensor:
+    """A fresh tensor (a copy: optimizers update state in place, the array may be read-only or reused)."""
+    return torch.tensor(a, dtype=p.dtype, device=p.device)

@@ -66,9 +66,21 @@ def check_finite(state: dict[str, np.ndarray], what: str) -> None:
             raise FloatingPointError(f"{what}: tensor {name} holds NaN/inf")
 
 
+def check_matches_table(state: dict[str, np.ndarray], cfg: Hyperparameters) -> None:
+    """The weights are exactly the parameter table's rows: an artifact missing one would fail only when scored."""
+    shapes = {p.name: p.shape for p in param_table(cfg)}
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"weights do not match the parameter table: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, shape in shapes.items():
+        if tuple(np.shape(state[name])) != tuple(shape):
+            raise ValueError(f"weight {name} has shape {tuple(np.shape(state[name]))}, the table says {tuple(shape)}")
+
+
 def encode_artifact(state: dict[str, np.ndarray], cfg: Hyperparameters, tokenizer_sha256: str = "",
                     scheme: str = quant.DEFAULT_SCHEME, level: int = ZSTD_LEVEL) -> bytes:
     """Quantize and pack; FloatingPointError if a weight or a stored value (e.g. past fp16's 65,504) is not finite."""
+    check_matches_table(state, cfg)
     check_finite(state, "weights")
     stores = {p.name: p.store for p in param_table(cfg)}
     tensors, index = quant.scheme(scheme).quantize(state, stores)

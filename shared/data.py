@@ -129,10 +129,9 @@ class TokenStream:
 
     def restore(self, state: dict) -> None:
         """ValueError if the position does not exist in these shards (a checkpoint of other data)."""
-        try:
-            idx, pos = int(state["file_idx"]), int(state["pos"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"data position {state!r} lacks integer file_idx/pos") from None
+        idx, pos = state.get("file_idx"), state.get("pos")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (idx, pos)):
+            raise ValueError(f"data position {state!r} lacks integer file_idx/pos")
         if not 0 <= idx < len(self.files) or not 0 <= pos <= self.counts[idx]:
             raise ValueError(f"data position file_idx={idx} pos={pos} is outside the {len(self.files)} train "
                              f"shards ({self.files[min(max(idx, 0), len(self.files) - 1)]})")

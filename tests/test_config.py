@@ -88,7 +88,8 @@ def test_parsing_happens_only_on_request():
 def test_every_field_has_a_role():
     for f in dataclasses.fields(Hyperparameters):
         assert f.metadata.get("role") in ROLES, f.name
-    assert sorted(sum((fields_with_role(r) for r in ROLES), ())) == sorted(f.name for f in dataclasses.fields(Hyperparameters))
+    every = sorted(f.name for f in dataclasses.fields(Hyperparameters))
+    assert sorted(sum((fields_with_role(r) for r in ROLES), ())) == every
 
 
 def test_architecture_knobs_are_model_fields():

@@ -147,5 +147,6 @@ def test_restore_at_the_end_of_a_shard_continues_in_the_next(tmp_path):
 
 def test_fingerprint_lists_every_shard_and_its_count(tmp_path):
     pattern, _ = _write_stream(tmp_path)
-    assert TokenStream(pattern).fingerprint() == [["fineweb_train_000000.bin", 1667], ["fineweb_train_000001.bin", 1667],
+    assert TokenStream(pattern).fingerprint() == [["fineweb_train_000000.bin", 1667],
+                                                  ["fineweb_train_000001.bin", 1667],
                                                   ["fineweb_train_000002.bin", 1666]]

@@ -266,7 +266,7 @@ def test_eval_refuses_a_tokenizer_other_than_the_artifacts(trained, tmp_path):
     from data.build import train_tokenizer
     from data.corpus import demo_documents
     other = tmp_path / "other.model"
-    train_tokenizer(demo_documents()[200:260], other, 384)
+    other.write_bytes(train_tokenizer(demo_documents()[200:260], 384))
     env = dict(trained["env"], TOKENIZER_PATH=str(other), TOKENIZER_CHECK="0")  # past the dataset check
     res = run_script([trained["trainer"], "--eval", trained["env"]["ARTIFACT_PATH"]], env, tmp_path, check=False)
     assert "warning: artifact" in res.stdout and "tokenizer sha256" in res.stdout
