@@ -14,7 +14,6 @@ runs too.
 from __future__ import annotations
 
 import os
-import resource
 from contextlib import nullcontext
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shared import bpb, loop
+from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
 from shared.spec import micro_batch_tokens
 from torch_model import build_model, load_numpy_state, numpy_state
@@ -156,7 +156,7 @@ class TorchBackend:
         if self.device.type == "cuda":
             return (f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        return f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
+        return rss_peak_line()
 
     def finish(self) -> None:
         """All ranks leave together: a rank that tears down gloo while another still uses it aborts at exit."""

@@ -14,7 +14,6 @@ mlx_cpu_ops.py and the flow shared/loop.py.
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 
 from mlx_cpu_ops import CPU_BLAS, select_ops  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
@@ -27,6 +26,7 @@ from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from mlx_model import build_model, load_numpy_state, numpy_state  # noqa: E402
 from mlx_optim import Optimizers  # noqa: E402
 from shared import bpb, loop  # noqa: E402
+from shared.runlog import rss_peak_line  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
 
 CUDA_TRAINER = str(Path(__file__).resolve().with_name("cuda_train.py"))  # what ships, hence what code_bytes counts
@@ -156,7 +156,7 @@ class MLXBackend:
     def peak_memory_line(self) -> str:
         if mx.metal.is_available():
             return f"peak memory allocated: {mx.get_peak_memory() // 2**20} MiB"
-        return f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
+        return rss_peak_line()
 
     def finish(self) -> None:
         pass

@@ -15,6 +15,7 @@ from shared.config import Hyperparameters
 from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, groups_of
 from torch_model import to_numpy
 
+
 def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     """Approximately orthogonalise g (Muon); quintic Newton-Schulz in `dtype`."""
     a, b, c = NS_COEFFS

@@ -37,9 +37,9 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...  # one header line: versions, device, dtype
     def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool) -> None: ...
-    def weights(self) -> dict[str, np.ndarray]: ...  # fp32 numpy, by parameter name
+    def weights(self) -> dict[str, np.ndarray]: ...  # fp32 numpy copies (never views of live state)
     def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
-    def optimizer_slots(self) -> Slots: ...  # collective; every slot of every parameter (zeros before a step)
+    def optimizer_slots(self) -> Slots: ...  # collective; copies of every slot (zeros before a step)
     def load_optimizer_slots(self, slots: Slots) -> None: ...
     def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr_scale: float,
                    momentum: float) -> float: ...  # collective; the global mean loss

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import re
+import resource
 import sys
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def loaded_repo_files() -> list[Path]:
         return []
     files = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
     return sorted(f for f in files if f.is_relative_to(root) and ".venv" not in f.parts and f.suffix == ".py")
+
+
+def rss_peak_line() -> str:
+    """Peak memory where no allocator reports it (a CPU): the process's max resident set."""
+    return f"peak memory (process max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
 
 
 def step_line(step: int, iterations: int, train_loss: float, train_ms: float) -> str:

@@ -18,7 +18,8 @@ def _threads() -> int:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to count threads")
 def test_repeated_evaluations_start_no_new_threads(tiny_data, tmp_path):
     import mlx_train
-    cfg = Hyperparameters.from_env(tiny_env(tiny_data, tmp_path, MLX_STREAMS=2, MLX_MAX_MICROBATCH_TOKENS=64))  # several chunks: every stream works
+    env = tiny_env(tiny_data, tmp_path, MLX_STREAMS=2, MLX_MAX_MICROBATCH_TOKENS=64)  # several chunks: all streams work
+    cfg = Hyperparameters.from_env(env)
     data = bpb.load_eval_data(cfg)
     data.windows = data.windows[:8]
     be = mlx_train.MLXBackend(cfg)
