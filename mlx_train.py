@@ -81,7 +81,9 @@ class MLXBackend:
     def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool) -> None:
         self.model = build_model(cfg, weights, self.dtype)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
-        self.nll_fn = mx.compile(self.model.token_nll) if cfg.mlx_compile else self.model.token_nll
+        # inputs=model.state: the weights are inputs of the compiled graphs, not constants of the first trace
+        self.nll_fn = (mx.compile(self.model.token_nll, inputs=self.model.state) if cfg.mlx_compile
+                       else self.model.token_nll)
         # w: the chunk's share of the step mean, applied inside the compiled graph (no extra pass over grads)
         grad_fn = nn.value_and_grad(self.model, lambda x, y, w: self.model(x, y) * w)
         self.loss_and_grad = (mx.compile(grad_fn, inputs=self.model.state, outputs=self.model.state)

@@ -48,8 +48,11 @@ def loaded_repo_files() -> list[Path]:
     root = repo_root()
     if root is None:  # a bundle: its one file is the trainer itself
         return []
-    files = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
-    return sorted(f for f in files if f.is_relative_to(root) and ".venv" not in f.parts and f.suffix == ".py")
+    # Only absolute paths that exist: some extension modules carry a bare relative __file__ ("_classes.py").
+    names = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
+    files = {Path(f).resolve() for f in names if isinstance(f, str) and os.path.isabs(f)}
+    return sorted(f for f in files if f.is_relative_to(root) and ".venv" not in f.parts and f.suffix == ".py"
+                  and f.is_file())
 
 
 def rss_peak_line() -> str:

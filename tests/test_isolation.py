@@ -134,3 +134,17 @@ def test_cuda_trainer_does_not_import_tools(trainer_imports):
     assert trainer_imports.returncode == 0, trainer_imports.stderr[-3000:]
     line = trainer_imports.stdout.splitlines()[-1]
     assert line == "tools_modules:", f"cuda_train imported {line.split(':', 1)[1]}: tools/ does not ship"
+
+
+def test_log_header_lists_only_real_repo_files(monkeypatch, tmp_path):
+    """Some extension modules carry a bare relative __file__; from the repo root it must not become a path."""
+    import sys
+    import types
+
+    from shared.runlog import loaded_repo_files
+    fake = types.ModuleType("fake_ext")
+    fake.__file__ = "_classes.py"
+    monkeypatch.setitem(sys.modules, "fake_ext", fake)
+    monkeypatch.chdir(ROOT)
+    files = loaded_repo_files()
+    assert files and all(f.is_file() for f in files), [f for f in files if not f.is_file()]

@@ -63,3 +63,19 @@ def test_a_checkpoint_restores_the_next_step_exactly(tiny_data, tmp_path, name):
     cfg2, be2, st2 = _started(name, tiny_data, tmp_path / "other", steps=0)
     loop.restore(be2, st2, cfg2, str(tmp_path / "c.ckpt"), fingerprint)
     assert st2.step == 2 and loop.one_step(be2, st2, cfg2, 0.5) == expected
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_evaluation_sees_the_current_weights(tiny_data, tmp_path, name):
+    """Validation during training scores today's weights (a compiled scorer must not freeze the first ones)."""
+    from shared import bpb
+    cfg, be, st = _started(name, tiny_data, tmp_path, steps=0)
+    data = bpb.load_eval_data(cfg)
+    data.windows = data.windows[:8]
+    at_init = be.evaluate(data).val_loss
+    for _ in range(3):
+        loop.one_step(be, st, cfg, 1.0)
+    trained = be.evaluate(data).val_loss
+    fresh = _backend(name, cfg)
+    fresh.build(cfg, be.weights(), train=False)
+    assert trained != at_init and abs(trained - fresh.evaluate(data).val_loss) <= 1e-6, (at_init, trained)
