@@ -280,3 +280,15 @@ def test_eval_log_starts_with_the_effective_config(trained):
     run_script([trained["trainer"], "--eval", trained["env"]["ARTIFACT_PATH"]],
                dict(trained["env"], VAL_BATCH_SIZE="2048"), trained["tmp"])
     assert '"val_batch_size": 2048' in log.read_text()
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_runs_from_the_repo_root(tiny_data, tmp_path, name):
+    """The README's commands run from the repo root (tests otherwise run elsewhere, which once hid a crash)."""
+    run_id = f"pytest_root_{tmp_path.name}"
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=1, WARMUP_STEPS=0, RUN_ID=run_id)
+    try:
+        res = run_script([_trainer(name)], env, ROOT)
+        assert "final_roundtrip_exact" in res.stdout
+    finally:
+        (ROOT / "logs" / f"{run_id}.txt").unlink(missing_ok=True)
