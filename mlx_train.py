@@ -153,7 +153,8 @@ class MLXBackend:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     def tokens_in_flight(self, cfg: Hyperparameters) -> int:
-        return cfg.mlx_max_microbatch_tokens * len(self.streams)
+        rows = max(1, cfg.mlx_max_microbatch_tokens // cfg.train_seq_len)  # as _split cuts them
+        return rows * cfg.train_seq_len * len(self.streams)
 
     def peak_memory_line(self) -> str:
         if mx.metal.is_available():

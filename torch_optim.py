@@ -47,17 +47,18 @@ class Muon(torch.optim.Optimizer):
                  compile_ns: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
         self.ns_dtype = ns_dtype
+        self.index = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
-        world, rank = _world_rank()
+        world = _world_rank()[0]
         for group in self.param_groups:
             params = group["params"]
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
             offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
+            for p in params:
+                if self.owns(p) and p.grad is not None:
                     flat[offset:offset + p.numel()] = self._update(p, group).reshape(-1)
                 offset += p.numel()
             if world > 1:
@@ -66,6 +67,11 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
+
+    def owns(self, p: Tensor) -> bool:
+        """Round-robin ownership: this rank keeps p's momentum and computes its update."""
+        world, rank = _world_rank()
+        return self.index[id(p)] % world == rank
 
     def _update(self, p: Tensor, group: dict) -> Tensor:
         state = self.state[p]
@@ -125,8 +131,8 @@ class Optimizers:
         for g, opt in self.opts.items():
             for p in (q for group in opt.param_groups for q in group["params"]):
                 s = slots[self._name(p)]
-                if isinstance(opt, Muon):
-                    opt.state[p] = {"momentum_buffer": _like(s["momentum"], p)}
+                if isinstance(opt, Muon):  # only the owner keeps a buffer (and slots() sums owners only)
+                    opt.state[p] = {"momentum_buffer": _like(s["momentum"], p)} if opt.owns(p) else {}
                 else:
                     opt.state[p] = _adam_state(opt, p, s)
 
@@ -135,9 +141,10 @@ class Optimizers:
 
 
 def _muon_slots(opt: Muon, p: Tensor) -> dict[str, np.ndarray]:
-    buf = opt.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p))
-    if _world_rank()[0] > 1:  # each rank holds the buffers of the matrices it owns
-        buf = buf.clone()
+    """The owner's buffer, gathered by a sum to which every other rank adds zeros. Collective."""
+    buf = opt.state.get(p, {}).get("momentum_buffer") if opt.owns(p) else None
+    buf = torch.zeros_like(p) if buf is None else buf.clone()
+    if _world_rank()[0] > 1:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return {"momentum": to_numpy(buf)}
 

@@ -129,8 +129,11 @@ def read_artifact(path: str | os.PathLike) -> LoadedArtifact:
     covered = {k: metadata.get(k, "") for k in HASHED_METADATA} if metadata["format_version"] != "1" else None
     if payload_sha256(tensors, covered) != metadata.get("payload_sha256"):
         raise ArtifactError(f"artifact {path}: payload sha256 does not match its metadata (corrupt file)")
-    cfg = Hyperparameters.from_json(metadata["config"])
-    state = quant.scheme(metadata["quant_scheme"]).dequantize(tensors, json.loads(metadata["tensors"]))
+    try:
+        cfg = Hyperparameters.from_json(metadata["config"])
+        state = quant.scheme(metadata["quant_scheme"]).dequantize(tensors, json.loads(metadata["tensors"]))
+    except (ValueError, KeyError) as exc:  # a config this code rejects, an index naming absent tensors
+        raise ArtifactError(f"artifact {path}: unusable contents ({exc})") from None
     return LoadedArtifact(state, cfg, metadata.get("tokenizer_sha256", ""), metadata["quant_scheme"])
 
 

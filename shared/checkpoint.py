@@ -82,7 +82,10 @@ def load_checkpoint(path: str | os.PathLike, cfg: Hyperparameters) -> tuple[dict
     tensors, metadata = _read(path)
     if payload_sha256(tensors, {"config": metadata["config"], "meta": metadata["meta"]}) != metadata["payload_sha256"]:
         raise ValueError(f"checkpoint {path}: payload sha256 does not match its metadata (corrupt file)")
-    saved = Hyperparameters.from_json(metadata["config"])
+    try:
+        saved = Hyperparameters.from_json(metadata["config"])
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: stored config unusable ({exc})") from None
     for name in changed_fields(saved, cfg, RESUME_CHANGEABLE):
         raise ValueError(f"checkpoint {path} was made with {name.upper()}={getattr(saved, name)!r}, "
                          f"this run has {name.upper()}={getattr(cfg, name)!r}")

@@ -148,7 +148,8 @@ def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog,
 
     train_ms counts only training: validation and checkpoint writes are excluded.
     """
-    stop_after, last_ckpt = None, None
+    stop_after = st.step if over_cap(be, cfg, st.train_ms) else None  # resumed at the cap: no extra step
+    last_ckpt = None
     be.sync()
     t0 = time.perf_counter()
     while True:
@@ -241,7 +242,7 @@ def on_rank0(be: Backend, write: Callable[[], None], what: str) -> None:
     if be.rank == 0:
         try:
             write()
-        except (OSError, ValueError, FloatingPointError) as exc:
+        except Exception as exc:  # whatever it is, the other ranks must hear of it
             error = exc
     if be.any_rank(error is not None):
         raise error if error is not None else OSError(f"rank 0 failed to write {what}")

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -8,7 +9,8 @@ import zstandard
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared.artifact import ArtifactError, SizeReport, load_artifact, read_artifact, save_artifact, size_report
+from shared.artifact import (HASHED_METADATA, ArtifactError, SizeReport, load_artifact, payload_sha256, read_artifact,
+                             save_artifact, size_report)
 from shared.config import Hyperparameters
 from shared.quant.int8 import dequantize, quantize
 from shared.shipped import code_files
@@ -254,3 +256,20 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_artifact(path, {k: v * 2 for k, v in _trained_like_state().items()}, CFG)
     assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_stored_config_this_code_rejects_is_named_with_the_file(tmp_path):
+    """Older code allowed configs this code refuses: the error names the artifact, not just the field."""
+    path = tmp_path / "a.zst"
+    save_artifact(path, _trained_like_state(), dataclasses.replace(CFG, run_id="exp 1"))  # a space: still fine
+    assert load_artifact(path)[1].run_id == "exp 1"
+
+    def bad_config(meta):
+        cfg = json.loads(meta["config"])
+        cfg["adam_eps"] = 0.0
+        meta["config"] = json.dumps(cfg, sort_keys=True)
+        meta["payload_sha256"] = payload_sha256(st_load(zstandard.ZstdDecompressor().decompress(path.read_bytes())),
+                                                {k: meta[k] for k in HASHED_METADATA})
+    _rewrite(path, edit_meta=bad_config)
+    with pytest.raises(ArtifactError, match=f"{path}.*ADAM_EPS"):
+        load_artifact(path)

@@ -150,3 +150,10 @@ def test_with_run_id_keeps_a_set_id_and_fills_an_empty_one():
     assert with_run_id(dataclasses.replace(TINY, run_id="mine"), "fresh").run_id == "mine"
     filled = with_run_id(dataclasses.replace(TINY, run_id=""), "fresh")
     assert filled.run_id == "fresh" and dataclasses.replace(filled, run_id="") == dataclasses.replace(TINY, run_id="")
+
+
+def test_an_mlx_chunk_size_does_not_constrain_the_sequence_length():
+    """MLX_MAX_MICROBATCH_TOKENS only sizes MLX's chunks (at least one sequence each): a torch run at
+    TRAIN_SEQ_LEN=3072 must not be refused because 8192 is not a multiple of it."""
+    cfg = Hyperparameters.from_env({"TRAIN_SEQ_LEN": "3072", "TRAIN_BATCH_TOKENS": str(3072 * 8 * 4)})
+    assert cfg.train_seq_len == 3072 and cfg.mlx_max_microbatch_tokens == 8192

@@ -79,3 +79,17 @@ def test_evaluation_sees_the_current_weights(tiny_data, tmp_path, name):
     fresh = _backend(name, cfg)
     fresh.build(cfg, be.weights(), train=False)
     assert trained != at_init and abs(trained - fresh.evaluate(data).val_loss) <= 1e-6, (at_init, trained)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_run_resumed_at_the_wallclock_cap_takes_no_further_step(tiny_data, tmp_path, name):
+    from shared import bpb
+    cfg, be, st = _started(name, tiny_data, tmp_path, steps=2)
+    cfg = Hyperparameters.from_env(dict(tiny_env(tiny_data, tmp_path), MAX_WALLCLOCK_SECONDS="1", ITERATIONS="50"))
+    data = bpb.load_eval_data(cfg)
+    data.windows = data.windows[:4]
+    st.train_ms = 1000.0  # the checkpoint was taken as the cap was reached
+    weights = copy.deepcopy(be.weights())
+    loop.run_training(be, st, cfg, RunLog("t", enabled=False), data, {})
+    assert st.step == 2
+    _assert_same(weights, be.weights(), "weight")

@@ -292,3 +292,19 @@ def test_runs_from_the_repo_root(tiny_data, tmp_path, name):
         assert "final_roundtrip_exact" in res.stdout
     finally:
         (ROOT / "logs" / f"{run_id}.txt").unlink(missing_ok=True)
+
+
+def test_a_two_rank_resume_equals_the_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
+    """Muon's momentum lives on the rank that owns each matrix; a resume must not hand it to every rank
+    (each copy was summed into the next checkpoint: momentum x WORLD_SIZE)."""
+    from safetensors.numpy import load_file
+    trainer = str(ROOT / "cuda_train.py")
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=4, CHECKPOINT_EVERY=2, WARMUP_STEPS=1,
+                   CHECKPOINT_PATH=str(tmp_path / "full_{step}.ckpt"))
+    run_script([trainer], env, tmp_path, torchrun=2)
+    env_r = dict(env, CHECKPOINT_PATH=str(tmp_path / "resumed_{step}.ckpt"), ARTIFACT_PATH=str(tmp_path / "r.zst"))
+    run_script([trainer, "--resume", str(tmp_path / "full_2.ckpt")], env_r, tmp_path, torchrun=2)
+    full, resumed = load_file(tmp_path / "full_4.ckpt"), load_file(tmp_path / "resumed_4.ckpt")
+    assert full.keys() == resumed.keys()
+    differ = sorted(k for k in full if not np.array_equal(full[k], resumed[k]))
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
