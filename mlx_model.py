@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from mlx_cpu_ops import select_ops  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
 
+import math  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
-from shared.spec import init_params, num_skip_weights  # noqa: E402
+from shared.spec import init_params, mlp_hidden, num_skip_weights  # noqa: E402
 
 # ---- numerics, written out (torch_model.py uses the same) ----
 RMS_NORM_EPS = 1e-6
-# RoPE: half-split layout, x1 = x[..., :D/2], x2 = x[..., D/2:], rotated by -theta:
-#   (x1*cos + x2*sin, -x1*sin + x2*cos), theta_{t,i} = t * ROPE_BASE^(-2i/D)
+# RoPE: half-split layout over the first K = ROPE_DIMS dims of a head (0: all D), x1 = x[..., :K/2],
+# x2 = x[..., K/2:K], rotated by -theta: (x1*cos + x2*sin, -x1*sin + x2*cos), theta_{t,i} = t * ROPE_BASE^(-2i/K);
+# dims K..D-1 pass through (the record's partial RoPE, RECORD_STACK.md §3.4).
 # Written out rather than mx.fast.rope, whose direction is the opposite (+theta).
 # Dtypes: weights are fp32 masters; every matmul casts both operands to the compute dtype `dtype`;
 # the residual stream, every RMSNorm (q/k included), RoPE, q_gain, the softcap and the cross-entropy
@@ -33,8 +36,13 @@ def rms_norm(x: mx.array) -> mx.array:
 
 
 class RMSNorm(nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self._scale = scale  # LN_SCALE's c_i, multiplied after the norm; 1.0 skips the multiply
+
     def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x)
+        y = rms_norm(x)
+        return y if self._scale == 1.0 else y * self._scale
 
 
 class CastedLinear(nn.Module):
@@ -61,14 +69,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary_emb(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return mx.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
+    half = cos.shape[-1]  # K/2: dims 2*half.. pass through (empty under full RoPE)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return mx.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest], axis=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 dtype: mx.Dtype, ops):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
+                 qk_gain_init: float, dtype: mx.Dtype, ops):
         super().__init__()
         self._num_heads, self._num_kv_heads = num_heads, num_kv_heads
         self._head_dim = dim // num_heads
@@ -79,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim, dtype)
         self.proj = CastedLinear(dim, dim, dtype)
         self.q_gain = mx.full((num_heads,), qk_gain_init, dtype=mx.float32)
-        self.rotary = Rotary(self._head_dim, rope_base)
+        self.rotary = Rotary(rope_dims or self._head_dim, rope_base)  # ROPE_DIMS=0: every dim
         self._scale = self._head_dim ** -0.5  # explicit attention scale
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -100,25 +108,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_mult: int, dtype: mx.Dtype):
+    def __init__(self, dim: int, hidden: int, act: str, leaky_slope: float, dtype: mx.Dtype):
         super().__init__()
-        self.fc = CastedLinear(dim, mlp_mult * dim, dtype)
-        self.proj = CastedLinear(mlp_mult * dim, dim, dtype)
+        self.fc = CastedLinear(dim, hidden, dtype)
+        self.proj = CastedLinear(hidden, dim, dtype)
+        self._leaky_slope = leaky_slope if act == "leaky_relu2" else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = nn.relu(self.fc(x))
-        return self.proj(mx.square(x))  # relu^2
+        x = self.fc(x)
+        if self._leaky_slope is None:
+            x = nn.relu(x)
+        else:  # leaky_relu2 (RECORD_STACK.md §3.5): x for x > 0, slope * x otherwise
+            x = mx.where(x > 0, x, self._leaky_slope * x)
+        return self.proj(mx.square(x))  # relu^2 / leaky_relu^2
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Hyperparameters, dtype: mx.Dtype, ops):
+    def __init__(self, cfg: Hyperparameters, layer_idx: int, dtype: mx.Dtype, ops):
         super().__init__()
         dim = cfg.model_dim
-        self.attn_norm = RMSNorm()
-        self.mlp_norm = RMSNorm()
-        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.qk_gain_init, dtype,
-                                        ops)
-        self.mlp = MLP(dim, cfg.mlp_mult, dtype)
+        # LN_SCALE: c_i = 1/sqrt(i+1) by physical layer index, rounded to fp32 once (RECORD_STACK.md §3.3)
+        ln_scale = float(np.float32(1.0 / math.sqrt(layer_idx + 1))) if cfg.ln_scale else 1.0
+        self.attn_norm = RMSNorm(ln_scale)
+        self.mlp_norm = RMSNorm(ln_scale)
+        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
+                                        cfg.qk_gain_init, dtype, ops)
+        self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
         self.attn_scale = mx.ones((dim,))
         self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
@@ -142,7 +157,7 @@ class GPT(nn.Module):
         self._num_encoder_layers = cfg.num_layers // 2
         self._num_decoder_layers = cfg.num_layers - self._num_encoder_layers
         self.skip_weights = mx.ones((num_skip_weights(cfg), cfg.model_dim))
-        self.blocks = [Block(cfg, dtype, self._ops) for _ in range(cfg.num_layers)]
+        self.blocks = [Block(cfg, i, dtype, self._ops) for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm()
         if not cfg.tie_embeddings:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)

@@ -9,18 +9,21 @@ continue what the other trained.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.spec import init_params, num_skip_weights
+from shared.spec import init_params, mlp_hidden, num_skip_weights
 
 # ---- numerics, written out (mlx_model.py uses the same) ----
 RMS_NORM_EPS = 1e-6  # explicit: library defaults differ by dtype and framework
-# RoPE: half-split layout, x1 = x[..., :D/2], x2 = x[..., D/2:], rotated by -theta:
-#   (x1*cos + x2*sin, -x1*sin + x2*cos), theta_{t,i} = t * ROPE_BASE^(-2i/D)
+# RoPE: half-split layout over the first K = ROPE_DIMS dims of a head (0: all D), x1 = x[..., :K/2],
+# x2 = x[..., K/2:K], rotated by -theta: (x1*cos + x2*sin, -x1*sin + x2*cos), theta_{t,i} = t * ROPE_BASE^(-2i/K);
+# dims K..D-1 pass through (the record's partial RoPE, RECORD_STACK.md §3.4).
 # (the official torch baseline's direction; the official MLX twin used +theta and drifted).
 # Dtypes, with no autocast: weights are fp32 masters; every matmul casts both operands to the
 # compute dtype `dtype` (bf16 on CUDA/Metal, fp32 on CPU); the residual stream, every RMSNorm
@@ -34,8 +37,13 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale  # LN_SCALE's c_i, multiplied after the norm; 1.0 skips the multiply
+
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x)
+        y = rms_norm(x)
+        return y if self.scale == 1.0 else y * self.scale
 
 
 class CastedLinear(nn.Linear):
@@ -62,14 +70,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
+    half = cos.size(-1)  # K/2: dims 2*half.. pass through (empty under full RoPE)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 dtype: torch.dtype):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
+                 qk_gain_init: float, dtype: torch.dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
@@ -80,7 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim, dtype)
         self.proj = CastedLinear(dim, dim, dtype)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.rotary = Rotary(rope_dims or self.head_dim, rope_base)  # ROPE_DIMS=0: every dim
         self.scale = self.head_dim ** -0.5  # explicit attention scale
 
     def forward(self, x: Tensor) -> Tensor:
@@ -101,24 +109,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_mult: int, dtype: torch.dtype):
+    def __init__(self, dim: int, hidden: int, act: str, leaky_slope: float, dtype: torch.dtype):
         super().__init__()
-        self.fc = CastedLinear(dim, mlp_mult * dim, dtype)
-        self.proj = CastedLinear(mlp_mult * dim, dim, dtype)
+        self.fc = CastedLinear(dim, hidden, dtype)
+        self.proj = CastedLinear(hidden, dim, dtype)
+        self.leaky_slope = leaky_slope if act == "leaky_relu2" else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.fc(x))
-        return self.proj(x.square())  # relu^2
+        x = self.fc(x)
+        if self.leaky_slope is None:
+            x = torch.relu(x)
+        else:  # leaky_relu2 (RECORD_STACK.md §3.5): x for x > 0, slope * x otherwise
+            x = F.leaky_relu(x, negative_slope=self.leaky_slope)
+        return self.proj(x.square())  # relu^2 / leaky_relu^2
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Hyperparameters, dtype: torch.dtype):
+    def __init__(self, cfg: Hyperparameters, layer_idx: int, dtype: torch.dtype):
         super().__init__()
         dim = cfg.model_dim
-        self.attn_norm = RMSNorm()
-        self.mlp_norm = RMSNorm()
-        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.qk_gain_init, dtype)
-        self.mlp = MLP(dim, cfg.mlp_mult, dtype)
+        # LN_SCALE: c_i = 1/sqrt(i+1) by physical layer index, rounded to fp32 once (RECORD_STACK.md §3.3)
+        ln_scale = float(np.float32(1.0 / math.sqrt(layer_idx + 1))) if cfg.ln_scale else 1.0
+        self.attn_norm = RMSNorm(ln_scale)
+        self.mlp_norm = RMSNorm(ln_scale)
+        self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
+                                        cfg.qk_gain_init, dtype)
+        self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -141,7 +157,7 @@ class GPT(nn.Module):
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(num_skip_weights(cfg), cfg.model_dim))
-        self.blocks = nn.ModuleList([Block(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, i, dtype) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 

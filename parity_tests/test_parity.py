@@ -39,7 +39,15 @@ BASE = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "128", "TRAIN_S
 VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv_heads": 4},
             "odd_depth": {"num_layers": 3}, "single_kv": {"num_kv_heads": 1, "num_layers": 1},
             "wide_mlp": {"mlp_mult": 3, "model_dim": 96, "num_heads": 6, "num_kv_heads": 3},
-            "rope_softcap": {"rope_base": 500.0, "logit_softcap": 8.0, "vocab_size": 96}}
+            "rope_softcap": {"rope_base": 500.0, "logit_softcap": 8.0, "vocab_size": 96},
+            # record-stack knobs (head dim 16 in BASE): partial RoPE, LeakyReLU^2, fractional MLP_MULT, LN_SCALE
+            "partial_rope": {"rope_dims": 8},
+            "leaky_mlp": {"mlp_act": "leaky_relu2"},
+            "frac_mlp": {"mlp_mult": 1.5, "mlp_act": "leaky_relu2", "mlp_leaky_slope": 0.25},
+            "ln_scale": {"ln_scale": True, "num_layers": 3},
+            "record_knobs": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
+                             "num_layers": 4}}
+RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 
@@ -55,7 +63,10 @@ def batch(cfg: Hyperparameters, n: int = 4, seed: int = 1) -> tuple[np.ndarray, 
 # 1. name/shape contract: both models hold exactly the rows of shared/spec.py's table
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_names_and_shapes_are_identical(variant):
-    cfg = cfg_for(variant)
+    check_names_and_shapes(cfg_for(variant))
+
+
+def check_names_and_shapes(cfg: Hyperparameters) -> None:
     t = {k: tuple(p.shape) for k, p in torch_model.GPT(cfg).named_parameters()}
     from mlx.utils import tree_flatten
     m = {k: tuple(p.shape) for k, p in tree_flatten(mlx_model.GPT(cfg).parameters())}
@@ -100,7 +111,7 @@ def check_backward(cfg: Hyperparameters, ops) -> None:
 
 # 3. backward
 @pytest.mark.parametrize("ops", MLX_OPS)
-@pytest.mark.parametrize("variant", ["tied_gqa", "untied", "odd_depth"])
+@pytest.mark.parametrize("variant", ["tied_gqa", "untied", "odd_depth"] + RECORD_VARIANTS)
 def test_gradients_agree(variant, ops):
     check_backward(cfg_for(variant), MLX_OPS[ops])
 
@@ -229,6 +240,73 @@ def test_injected_faults_are_caught(monkeypatch, fault):
         check_forward(cfg, mlx_cpu_ops.ComposedOps)
     with pytest.raises(AssertionError, match="grad "):
         check_backward(cfg, mlx_cpu_ops.ComposedOps)
+
+
+def test_full_width_rope_dims_is_todays_rope_bit_for_bit():
+    """ROPE_DIMS=0 (all dims) and ROPE_DIMS=head_dim must be the same computation, to the bit, in both models."""
+    full, explicit = BASE, dataclasses.replace(BASE, rope_dims=BASE.head_dim)
+    state = C.random_state(full)
+    x, _ = batch(full)
+    for model, logits in ((C.torch_model, C.torch_logits), (C.mlx_model, C.mlx_logits)):
+        assert np.array_equal(logits(model(full, state), x), logits(model(explicit, state), x)), model
+
+
+def _adjacent_pair_rope(x, cos, sin):
+    """Partial RoPE ported with interleaved pairs (j, j+1) instead of the half-split (j, j+K/2)."""
+    k = 2 * cos.shape[-1]
+    x1, x2 = x[..., 0:k:2], x[..., 1:k:2]
+    r1, r2 = x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos
+    return mx.concatenate([mx.stack([r1, r2], axis=-1).reshape(*x.shape[:-1], k), x[..., k:]], axis=-1)
+
+
+def _leaky_slope_squared(self, x):
+    x = self.fc(x)
+    x = mx.where(x > 0, x, (self._leaky_slope ** 2) * x)
+    return self.proj(mx.square(x))
+
+
+def _leaky_wrong_side(self, x):
+    x = self.fc(x)
+    x = mx.where(x > 0, self._leaky_slope * x, x)
+    return self.proj(mx.square(x))
+
+
+def _ln_scale_before_norm(self, x):
+    return mlx_model.rms_norm(x * self._scale)
+
+
+@pytest.mark.parametrize("fault", ["rope_adjacent_pairs", "leaky_slope_squared", "leaky_wrong_side",
+                                   "ln_scale_from_1", "ln_scale_before_norm"])
+def test_injected_record_knob_faults_are_caught(monkeypatch, fault):
+    cfg = cfg_for("record_knobs")
+    if fault == "rope_adjacent_pairs":
+        monkeypatch.setattr(mlx_model, "apply_rotary_emb", _adjacent_pair_rope)
+    elif fault == "leaky_slope_squared":
+        monkeypatch.setattr(mlx_model.MLP, "__call__", _leaky_slope_squared)
+    elif fault == "leaky_wrong_side":
+        monkeypatch.setattr(mlx_model.MLP, "__call__", _leaky_wrong_side)
+    elif fault == "ln_scale_from_1":
+        orig = mlx_model.Block.__init__
+
+        def init(self, c, layer_idx, *a, **k):
+            orig(self, c, layer_idx + 1, *a, **k)  # c_i = 1/sqrt(i+2)
+        monkeypatch.setattr(mlx_model.Block, "__init__", init)
+    else:
+        monkeypatch.setattr(mlx_model.RMSNorm, "__call__", _ln_scale_before_norm)
+    with pytest.raises(AssertionError, match="logits: max abs diff"):
+        check_forward(cfg, mlx_cpu_ops.ComposedOps)
+    with pytest.raises(AssertionError, match="grad "):
+        check_backward(cfg, mlx_cpu_ops.ComposedOps)
+
+
+def test_injected_mlp_hidden_rounding_is_caught(monkeypatch):
+    """A twin that sizes the MLP its own way (the old int MLP_MULT: int(1.5) * dim) fails the shape contract."""
+    cfg = cfg_for("frac_mlp")
+    monkeypatch.setattr(mlx_model, "mlp_hidden", lambda c: int(c.mlp_mult) * c.model_dim)
+    with pytest.raises(AssertionError, match="only_mlx"):
+        check_names_and_shapes(cfg)
+    with pytest.raises(ValueError, match="mlp.fc.weight: state has shape"):
+        check_forward(cfg, mlx_cpu_ops.ComposedOps)
 
 
 def _per_tensor_clip(grads, max_norm):

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 MICRO_BATCHES_PER_STEP = 8
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+MLP_ACTS = ("relu2", "leaky_relu2")
 _SAFE_ID = re.compile(r"([^./\x00][^/\x00]*)?")  # "" = unset (a fresh id at start)
 
 
@@ -64,7 +65,7 @@ class Hyperparameters:
     num_kv_heads: int = _f(4, "model")
     model_dim: int = _f(512, "model")
     num_heads: int = _f(8, "model")
-    mlp_mult: int = _f(2, "model")
+    mlp_mult: float = _f(2.0, "model")  # MLP hidden = MLP_MULT * MODEL_DIM, a whole number (shared/spec.mlp_hidden)
     tie_embeddings: bool = _f(True, "model")
     rope_base: float = _f(10000.0, "model")
     logit_softcap: float = _f(30.0, "model")
@@ -82,6 +83,11 @@ class Hyperparameters:
     beta2: float = _f(0.95, "train")
     adam_eps: float = _f(1e-8, "train")
     grad_clip_norm: float = _f(0.0, "train")
+    # Knobs of the record stack (RECORD_STACK.md §3); their defaults are the baseline's network.
+    mlp_act: str = _f("relu2", "model")  # relu2: relu(h)^2 | leaky_relu2: leaky_relu(h, MLP_LEAKY_SLOPE)^2
+    mlp_leaky_slope: float = _f(0.5, "model")  # read only by MLP_ACT=leaky_relu2
+    rope_dims: int = _f(0, "model")  # RoPE on the first ROPE_DIMS dims of each head; 0 = all (head_dim)
+    ln_scale: bool = _f(False, "model")  # block i scales its normed attn/MLP inputs by 1/sqrt(i+1)
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
@@ -142,6 +148,12 @@ class Hyperparameters:
         _require(self.vocab_size <= 65536, "vocab_size", "must fit uint16 shards (<= 65536)")
         _require(self.model_dim % self.num_heads == 0, "model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
         _require(self.head_dim % 2 == 0, "model_dim", f"gives odd head dim {self.head_dim}; RoPE needs it even")
+        _require(self.mlp_act in MLP_ACTS, "mlp_act", f"must be one of {MLP_ACTS}")
+        _require(self.mlp_leaky_slope >= 0, "mlp_leaky_slope", "must be >= 0")
+        _require(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "rope_dims",
+                 f"must be even and in [0, head dim {self.head_dim}] (0 = all)")
+        from shared.spec import mlp_hidden  # here, not at the top: shared.spec imports this module
+        mlp_hidden(self)  # MLP_MULT * MODEL_DIM must be a whole number
         _require(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         slot = MICRO_BATCHES_PER_STEP * self.train_seq_len
         _require(self.train_batch_tokens % slot == 0, "train_batch_tokens",

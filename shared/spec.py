@@ -54,6 +54,15 @@ def num_skip_weights(cfg: Hyperparameters) -> int:
     return min(encoder, cfg.num_layers - encoder)
 
 
+def mlp_hidden(cfg: Hyperparameters) -> int:
+    """MLP hidden width = MLP_MULT * MODEL_DIM exactly (2 * 512 -> 1024); a fractional result is an error,
+    never rounded, so both models and the table can only agree. MLP_MULT may be fractional (1.5 * 512 = 768)."""
+    hidden = cfg.mlp_mult * cfg.model_dim
+    if hidden != int(hidden):
+        raise ValueError(f"MLP_MULT={cfg.mlp_mult} * MODEL_DIM={cfg.model_dim} = {hidden} is not a whole number")
+    return int(hidden)
+
+
 def _embedding_rows(cfg: Hyperparameters) -> list[Param]:
     std = cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0  # untied: nn.Embedding's N(0, 1)
     return [Param("tok_emb.weight", (cfg.vocab_size, cfg.model_dim), "normal", "tok", "weight", std)]
@@ -64,7 +73,7 @@ def _skip_rows(cfg: Hyperparameters) -> list[Param]:
 
 
 def _block_rows(cfg: Hyperparameters, i: int) -> list[Param]:
-    d, kv, hidden, p = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_mult * cfg.model_dim, f"blocks.{i}."
+    d, kv, hidden, p = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, mlp_hidden(cfg), f"blocks.{i}."
     return [
         Param(p + "attn.c_q.weight", (d, d), "linear_uniform", "matrix", "weight"),
         Param(p + "attn.c_k.weight", (kv, d), "linear_uniform", "matrix", "weight"),
@@ -153,9 +162,9 @@ def _init_one(p: Param, rng: np.random.Generator) -> np.ndarray:
 def estimate_memory_bytes(cfg: Hyperparameters, tokens_in_flight: int) -> int:
     """A lower bound of training memory, to refuse absurd sizes before an allocator does: fp32 weights,
     grads and optimizer state (16 bytes a parameter) plus activations kept for backward, counted low:
-    ~(8 + 2*MLP_MULT)*D floats a token a layer and three vocab-sized fp32 rows for the logits."""
+    ~8*D + 2*hidden floats a token a layer and three vocab-sized fp32 rows for the logits."""
     n_params = sum(int(np.prod(p.shape)) for p in param_table(cfg))
-    per_token = cfg.num_layers * (8 + 2 * cfg.mlp_mult) * cfg.model_dim + 3 * cfg.vocab_size
+    per_token = cfg.num_layers * (8 * cfg.model_dim + 2 * mlp_hidden(cfg)) + 3 * cfg.vocab_size
     return 16 * n_params + 4 * per_token * tokens_in_flight
 
 

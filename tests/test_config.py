@@ -49,6 +49,14 @@ def test_env_names_override_and_preset_keeps_official_names():
     ({"RUN_ID": "a/b"}, "RUN_ID"),
     ({"RUN_ID": ".."}, "RUN_ID"),
     ({"ARTIFACT_PATH": "out/"}, "ARTIFACT_PATH"),
+    ({"MLP_MULT": "0"}, "MLP_MULT"),
+    ({"MLP_MULT": "2.001"}, "MLP_MULT"),  # 2.001 * 512 is not a whole hidden width
+    ({"MLP_ACT": "gelu"}, "MLP_ACT"),
+    ({"MLP_LEAKY_SLOPE": "-0.5"}, "MLP_LEAKY_SLOPE"),
+    ({"ROPE_DIMS": "15"}, "ROPE_DIMS"),  # odd
+    ({"ROPE_DIMS": "66"}, "ROPE_DIMS"),  # > head dim 64
+    ({"ROPE_DIMS": "-2"}, "ROPE_DIMS"),
+    ({"LN_SCALE": "2"}, "LN_SCALE"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
@@ -58,6 +66,8 @@ def test_bad_values_name_the_variable(env, name):
 @pytest.mark.parametrize("env", [
     {"RUN_ID": ""}, {"RUN_ID": "run-1.b_2"}, {"MATRIX_LR": "0"}, {"SEED": "0"}, {"SEED": str(2**32 - 1)},
     {"ARTIFACT_PATH": "out/a.int8.zst"}, {"ADAM_EPS": "1e-12"},
+    {"MLP_MULT": "1.5"}, {"MLP_MULT": "4"}, {"MLP_ACT": "leaky_relu2"}, {"ROPE_DIMS": "16"}, {"ROPE_DIMS": "64"},
+    {"LN_SCALE": "1"},
 ])
 def test_edge_values_that_are_allowed(env):
     cfg = Hyperparameters.from_env(env)
@@ -71,6 +81,21 @@ def test_json_round_trip_and_unknown_key():
     assert Hyperparameters.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="bogus"):
         Hyperparameters.from_json('{"bogus": 1}')
+
+
+def test_mlp_mult_is_a_float_and_old_int_json_still_parses():
+    old = Hyperparameters.from_json('{"mlp_mult": 2, "model_dim": 512}')  # artifacts stored it as an int
+    assert old.mlp_mult == 2.0 and isinstance(old.mlp_mult, float) and old == Hyperparameters()
+    assert Hyperparameters.from_env({"MLP_MULT": "3.5"}).mlp_mult == 3.5
+    for text in ('{"mlp_mult": "two"}', '{"mlp_mult": 2.001}'):
+        with pytest.raises(ValueError, match="MLP_MULT"):
+            Hyperparameters.from_json(text)
+
+
+def test_record_knob_defaults_are_the_baseline_network():
+    cfg = Hyperparameters()
+    assert (cfg.mlp_mult, cfg.mlp_act, cfg.mlp_leaky_slope, cfg.rope_dims, cfg.ln_scale) == (2.0, "relu2", 0.5, 0,
+                                                                                             False)
 
 
 def test_parsing_happens_only_on_request():
@@ -95,7 +120,7 @@ def test_every_field_has_a_role():
 def test_architecture_knobs_are_model_fields():
     model = set(fields_with_role("model"))
     assert {"vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult", "tie_embeddings",
-            "rope_base", "logit_softcap"} <= model
+            "rope_base", "logit_softcap", "mlp_act", "mlp_leaky_slope", "rope_dims", "ln_scale"} <= model
     # the optimizer and the run length are not part of what an artifact is valid under
     assert not {"matrix_lr", "seed", "iterations", "val_batch_size", "compute_dtype"} & model
     assert {"matrix_lr", "seed", "warmdown_iters", "train_seq_len"} <= set(fields_with_role("train"))

@@ -6,7 +6,7 @@ import pytest
 
 from shared.config import Hyperparameters
 from shared.spec import (GROUP_OPTIMIZER, INIT_RULES, STORE_KINDS, estimate_memory_bytes, groups_of, init_params,
-                         optimizer_group, param_table)
+                         mlp_hidden, optimizer_group, param_table, param_shapes)
 
 BASELINE = Hyperparameters()
 TINY = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "32",
@@ -100,6 +100,17 @@ def test_init_follows_the_config():
     untied = init_params(dataclasses.replace(TINY, tie_embeddings=False))
     assert 0.9 < untied["tok_emb.weight"].std() < 1.1  # untied: nn.Embedding's N(0, 1)
     assert untied["lm_head.weight"].shape == (128, 64) and not untied["lm_head.weight"].any()
+
+
+def test_mlp_hidden_is_mult_times_dim_exactly():
+    assert mlp_hidden(BASELINE) == 1024  # MLP_MULT=2, as before it became a float
+    assert mlp_hidden(dataclasses.replace(BASELINE, mlp_mult=1.5)) == 768
+    assert mlp_hidden(dataclasses.replace(BASELINE, mlp_mult=4.0)) == 2048
+    shapes = param_shapes(dataclasses.replace(TINY, mlp_mult=3.5))  # dim 64 -> 224
+    assert shapes["blocks.0.mlp.fc.weight"] == (224, 64) and shapes["blocks.1.mlp.proj.weight"] == (64, 224)
+    assert all(type(n) is int for n in shapes["blocks.0.mlp.fc.weight"])
+    with pytest.raises(ValueError, match="MLP_MULT"):
+        mlp_hidden(dataclasses.replace(TINY, mlp_mult=1.01))  # 64.64: never rounded
 
 
 def test_memory_estimate_grows_and_refuses_absurd_sizes():
