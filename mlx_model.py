@@ -29,6 +29,7 @@ RMS_NORM_EPS = 1e-6
 # Dtypes: weights are fp32 masters; every matmul casts both operands to the compute dtype `dtype`;
 # the residual stream, every RMSNorm (q/k included), RoPE, q_gain, the softcap and the cross-entropy
 # run in fp32; q, k, v enter the attention kernel in the compute dtype.
+XSA_EPS = 1e-12  # XSA's v_hat = v / sqrt(sum(v^2) + XSA_EPS), in fp32: finite (zero) for an all-zero v
 
 
 def rms_norm(x: mx.array) -> mx.array:
@@ -74,11 +75,33 @@ def apply_rotary_emb(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return mx.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest], axis=-1)
 
 
+def exclusive_self_attention(y: mx.array, v: mx.array) -> mx.array:
+    """XSA (RECORD_STACK.md §3.4): y_h - (y_h . v_hat) v_hat with v_hat the token's own value of head h's KV head.
+
+    y (B, H, T, D), v (B, Hkv, T, D); query head h reads KV head h // G (G = H / Hkv), as in the attention.
+    Computed in fp32; returns fp32 (B, H, T, D)."""
+    bsz, heads, seqlen, head_dim = y.shape
+    kv_heads = v.shape[1]
+    y = y.astype(mx.float32).reshape(bsz, kv_heads, heads // kv_heads, seqlen, head_dim)  # (B, Hkv, G, T, D)
+    v = v.astype(mx.float32)
+    v_hat = (v / mx.sqrt(mx.sum(mx.square(v), axis=-1, keepdims=True) + XSA_EPS))[:, :, None]  # (B, Hkv, 1, T, D)
+    y = y - mx.sum(y * v_hat, axis=-1, keepdims=True) * v_hat
+    return y.reshape(bsz, heads, seqlen, head_dim)
+
+
+def gated_skip(x: mx.array, skip: mx.array, gate: mx.array) -> mx.array:
+    """SKIP_GATES_ENABLED (RECORD_STACK.md §3.6): g = sigmoid(gate); g * x + (1 - g) * skip,
+    the record's torch.lerp(skip, x, g). Zero-init gates: an even mix."""
+    g = mx.sigmoid(gate)
+    return g * x + (1 - g) * skip
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
-                 qk_gain_init: float, dtype: mx.Dtype, ops):
+                 qk_gain_init: float, xsa: bool, dtype: mx.Dtype, ops):
         super().__init__()
         self._num_heads, self._num_kv_heads = num_heads, num_kv_heads
+        self._xsa = xsa
         self._head_dim = dim // num_heads
         self._dtype, self._ops = dtype, ops
         kv_dim = num_kv_heads * self._head_dim
@@ -103,6 +126,8 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain[None, :, None, None]
         y = self._ops.attention(q.astype(self._dtype), k.astype(self._dtype), v.astype(self._dtype),
                                 self._scale)  # causal, GQA
+        if self._xsa:
+            y = exclusive_self_attention(y, v)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, seqlen, dim)
         return self.proj(y)
 
@@ -131,8 +156,9 @@ class Block(nn.Module):
         ln_scale = float(np.float32(1.0 / math.sqrt(layer_idx + 1))) if cfg.ln_scale else 1.0
         self.attn_norm = RMSNorm(ln_scale)
         self.mlp_norm = RMSNorm(ln_scale)
+        xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n  # XSA_LAST_N: the last n physical layers
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
-                                        cfg.qk_gain_init, dtype, ops)
+                                        cfg.qk_gain_init, xsa, dtype, ops)
         self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
         self.attn_scale = mx.ones((dim,))
         self.mlp_scale = mx.ones((dim,))
@@ -157,6 +183,9 @@ class GPT(nn.Module):
         self._num_encoder_layers = cfg.num_layers // 2
         self._num_decoder_layers = cfg.num_layers - self._num_encoder_layers
         self.skip_weights = mx.ones((num_skip_weights(cfg), cfg.model_dim))
+        self._skip_gates_enabled = cfg.skip_gates_enabled
+        if cfg.skip_gates_enabled:
+            self.skip_gates = mx.zeros((num_skip_weights(cfg), cfg.model_dim))
         self.blocks = [Block(cfg, i, dtype, self._ops) for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm()
         if not cfg.tie_embeddings:
@@ -172,7 +201,11 @@ class GPT(nn.Module):
             skips.append(x)
         for i in range(self._num_decoder_layers):
             if skips:
-                x = x + self.skip_weights[i][None, None, :] * skips.pop()
+                skip = self.skip_weights[i][None, None, :] * skips.pop()
+                if self._skip_gates_enabled:
+                    x = gated_skip(x, skip, self.skip_gates[i][None, None, :])
+                else:
+                    x = x + skip
             x = self.blocks[self._num_encoder_layers + i](x, x0)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self._tie_embeddings else self.lm_head.weight

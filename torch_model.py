@@ -30,6 +30,7 @@ RMS_NORM_EPS = 1e-6  # explicit: library defaults differ by dtype and framework
 # (q/k included), RoPE, q_gain, the softcap and the cross-entropy run in fp32; q, k, v enter the
 # attention kernel in the compute dtype. (Torch autocast's lists happened to do this for q/k;
 # writing it out makes MLX do the same.)
+XSA_EPS = 1e-12  # XSA's v_hat = v / sqrt(sum(v^2) + XSA_EPS), in fp32: finite (zero) for an all-zero v
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -75,11 +76,33 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
 
 
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (RECORD_STACK.md §3.4): y_h - (y_h . v_hat) v_hat with v_hat the token's own value of head h's KV head.
+
+    y (B, H, T, D), v (B, Hkv, T, D); query head h reads KV head h // G (G = H / Hkv), as in the attention.
+    Computed in fp32; returns fp32 (B, H, T, D)."""
+    bsz, heads, seqlen, head_dim = y.shape
+    kv_heads = v.size(1)
+    y = y.float().reshape(bsz, kv_heads, heads // kv_heads, seqlen, head_dim)  # (B, Hkv, G, T, D): no repeated KV
+    v = v.float()
+    v_hat = (v / torch.sqrt(v.square().sum(dim=-1, keepdim=True) + XSA_EPS))[:, :, None]  # (B, Hkv, 1, T, D)
+    y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+    return y.reshape(bsz, heads, seqlen, head_dim)
+
+
+def gated_skip(x: Tensor, skip: Tensor, gate: Tensor) -> Tensor:
+    """SKIP_GATES_ENABLED (RECORD_STACK.md §3.6): g = sigmoid(gate); g * x + (1 - g) * skip,
+    the record's torch.lerp(skip, x, g). Zero-init gates: an even mix."""
+    g = torch.sigmoid(gate)
+    return g * x + (1 - g) * skip
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
-                 qk_gain_init: float, dtype: torch.dtype):
+                 qk_gain_init: float, xsa: bool, dtype: torch.dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.xsa = xsa
         self.head_dim = dim // num_heads
         self.dtype = dtype
         kv_dim = num_kv_heads * self.head_dim
@@ -104,6 +127,8 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain[None, :, None, None]
         y = F.scaled_dot_product_attention(q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), is_causal=True,
                                            scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
         y = y.transpose(1, 2).reshape(bsz, seqlen, dim)
         return self.proj(y)
 
@@ -132,8 +157,9 @@ class Block(nn.Module):
         ln_scale = float(np.float32(1.0 / math.sqrt(layer_idx + 1))) if cfg.ln_scale else 1.0
         self.attn_norm = RMSNorm(ln_scale)
         self.mlp_norm = RMSNorm(ln_scale)
+        xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n  # XSA_LAST_N: the last n physical layers
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
-                                        cfg.qk_gain_init, dtype)
+                                        cfg.qk_gain_init, xsa, dtype)
         self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -157,6 +183,9 @@ class GPT(nn.Module):
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(num_skip_weights(cfg), cfg.model_dim))
+        self.skip_gates_enabled = cfg.skip_gates_enabled
+        if cfg.skip_gates_enabled:
+            self.skip_gates = nn.Parameter(torch.zeros(num_skip_weights(cfg), cfg.model_dim))
         self.blocks = nn.ModuleList([Block(cfg, i, dtype) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
@@ -171,7 +200,11 @@ class GPT(nn.Module):
             skips.append(x)
         for i in range(self.num_decoder_layers):
             if skips:
-                x = x + self.skip_weights[i][None, None, :] * skips.pop()
+                skip = self.skip_weights[i][None, None, :] * skips.pop()
+                if self.skip_gates_enabled:
+                    x = gated_skip(x, skip, self.skip_gates[i][None, None, :])
+                else:
+                    x = x + skip
             x = self.blocks[self.num_encoder_layers + i](x, x0)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight

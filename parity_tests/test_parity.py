@@ -46,8 +46,15 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
             "frac_mlp": {"mlp_mult": 1.5, "mlp_act": "leaky_relu2", "mlp_leaky_slope": 0.25},
             "ln_scale": {"ln_scale": True, "num_layers": 3},
             "record_knobs": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
-                             "num_layers": 4}}
-RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs"]
+                             "num_layers": 4},
+            # XSA on the last 2 of 3 layers (GQA, G = 2), on every layer of an MHA net; sigmoid-gated skips
+            "xsa": {"xsa_last_n": 2, "num_layers": 3},
+            "xsa_mha": {"xsa_last_n": 2, "num_layers": 2, "num_kv_heads": 4},
+            "skip_gates": {"skip_gates_enabled": True, "num_layers": 5},
+            "record_stack": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
+                             "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4}}
+RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
+                   "skip_gates", "record_stack"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 
@@ -293,6 +300,46 @@ def test_injected_record_knob_faults_are_caught(monkeypatch, fault):
         monkeypatch.setattr(mlx_model.Block, "__init__", init)
     else:
         monkeypatch.setattr(mlx_model.RMSNorm, "__call__", _ln_scale_before_norm)
+    with pytest.raises(AssertionError, match="logits: max abs diff"):
+        check_forward(cfg, mlx_cpu_ops.ComposedOps)
+    with pytest.raises(AssertionError, match="grad "):
+        check_backward(cfg, mlx_cpu_ops.ComposedOps)
+
+
+def _xsa_wrong_kv_head(y, v):
+    """GQA mapped the other common way: query head h against KV head h % Hkv instead of h // G."""
+    g = y.shape[1] // v.shape[1]
+    v = mx.tile(v.astype(mx.float32), (1, g, 1, 1))  # head h -> kv head h % Hkv
+    v_hat = v / mx.sqrt(mx.sum(mx.square(v), axis=-1, keepdims=True) + mlx_model.XSA_EPS)
+    y = y.astype(mx.float32)
+    return y - mx.sum(y * v_hat, axis=-1, keepdims=True) * v_hat
+
+
+def _xsa_unnormalised(y, v):
+    """XSA projecting on v itself instead of v / ||v||."""
+    bsz, heads, seqlen, head_dim = y.shape
+    kv = v.shape[1]
+    y = y.astype(mx.float32).reshape(bsz, kv, heads // kv, seqlen, head_dim)
+    v = v.astype(mx.float32)[:, :, None]
+    return (y - mx.sum(y * v, axis=-1, keepdims=True) * v).reshape(bsz, heads, seqlen, head_dim)
+
+
+def _skip_lerp_reversed(x, skip, gate):
+    g = mx.sigmoid(gate)
+    return g * skip + (1 - g) * x
+
+
+def _skip_gate_without_sigmoid(x, skip, gate):
+    return gate * x + (1 - gate) * skip
+
+
+@pytest.mark.parametrize("fault", ["xsa_wrong_kv_head", "xsa_unnormalised", "skip_lerp_reversed",
+                                   "skip_gate_without_sigmoid"])
+def test_injected_xsa_and_skip_gate_faults_are_caught(monkeypatch, fault):
+    cfg = cfg_for("record_stack")
+    fake = {"xsa_wrong_kv_head": _xsa_wrong_kv_head, "xsa_unnormalised": _xsa_unnormalised,
+            "skip_lerp_reversed": _skip_lerp_reversed, "skip_gate_without_sigmoid": _skip_gate_without_sigmoid}[fault]
+    monkeypatch.setattr(mlx_model, "exclusive_self_attention" if fault.startswith("xsa") else "gated_skip", fake)
     with pytest.raises(AssertionError, match="logits: max abs diff"):
         check_forward(cfg, mlx_cpu_ops.ComposedOps)
     with pytest.raises(AssertionError, match="grad "):

@@ -88,6 +88,8 @@ class Hyperparameters:
     mlp_leaky_slope: float = _f(0.5, "model")  # read only by MLP_ACT=leaky_relu2
     rope_dims: int = _f(0, "model")  # RoPE on the first ROPE_DIMS dims of each head; 0 = all (head_dim)
     ln_scale: bool = _f(False, "model")  # block i scales its normed attn/MLP inputs by 1/sqrt(i+1)
+    xsa_last_n: int = _f(0, "model")  # the last N layers remove from each head's output its own token's v direction
+    skip_gates_enabled: bool = _f(False, "model")  # U-Net skips mixed by a sigmoid gate (lerp), not added
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
@@ -152,6 +154,8 @@ class Hyperparameters:
         _require(self.mlp_leaky_slope >= 0, "mlp_leaky_slope", "must be >= 0")
         _require(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "rope_dims",
                  f"must be even and in [0, head dim {self.head_dim}] (0 = all)")
+        _require(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n",
+                 f"must be in [0, NUM_LAYERS={self.num_layers}]")
         from shared.spec import mlp_hidden  # here, not at the top: shared.spec imports this module
         mlp_hidden(self)  # MLP_MULT * MODEL_DIM must be a whole number
         _require(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")

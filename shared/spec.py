@@ -69,7 +69,11 @@ def _embedding_rows(cfg: Hyperparameters) -> list[Param]:
 
 
 def _skip_rows(cfg: Hyperparameters) -> list[Param]:
-    return [Param("skip_weights", (num_skip_weights(cfg), cfg.model_dim), "ones", "scalar", "control")]
+    shape = (num_skip_weights(cfg), cfg.model_dim)
+    rows = [Param("skip_weights", shape, "ones", "scalar", "control")]
+    if cfg.skip_gates_enabled:  # zero-init: sigmoid(0) = 0.5, an even mix of x and the skip (RECORD_STACK.md §3.6)
+        rows.append(Param("skip_gates", shape, "zeros", "scalar", "control"))
+    return rows
 
 
 def _block_rows(cfg: Hyperparameters, i: int) -> list[Param]:

@@ -57,6 +57,11 @@ def test_env_names_override_and_preset_keeps_official_names():
     ({"ROPE_DIMS": "66"}, "ROPE_DIMS"),  # > head dim 64
     ({"ROPE_DIMS": "-2"}, "ROPE_DIMS"),
     ({"LN_SCALE": "2"}, "LN_SCALE"),
+    ({"XSA_LAST_N": "-1"}, "XSA_LAST_N"),
+    ({"XSA_LAST_N": "10"}, "XSA_LAST_N"),  # > NUM_LAYERS=9
+    ({"XSA_LAST_N": "3", "NUM_LAYERS": "2"}, "XSA_LAST_N"),
+    ({"XSA_LAST_N": "1.5"}, "XSA_LAST_N"),
+    ({"SKIP_GATES_ENABLED": "2"}, "SKIP_GATES_ENABLED"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
@@ -68,6 +73,7 @@ def test_bad_values_name_the_variable(env, name):
     {"ARTIFACT_PATH": "out/a.int8.zst"}, {"ADAM_EPS": "1e-12"},
     {"MLP_MULT": "1.5"}, {"MLP_MULT": "4"}, {"MLP_ACT": "leaky_relu2"}, {"ROPE_DIMS": "16"}, {"ROPE_DIMS": "64"},
     {"LN_SCALE": "1"},
+    {"XSA_LAST_N": "9"}, {"XSA_LAST_N": "1"}, {"SKIP_GATES_ENABLED": "1"},
 ])
 def test_edge_values_that_are_allowed(env):
     cfg = Hyperparameters.from_env(env)
@@ -96,6 +102,7 @@ def test_record_knob_defaults_are_the_baseline_network():
     cfg = Hyperparameters()
     assert (cfg.mlp_mult, cfg.mlp_act, cfg.mlp_leaky_slope, cfg.rope_dims, cfg.ln_scale) == (2.0, "relu2", 0.5, 0,
                                                                                              False)
+    assert (cfg.xsa_last_n, cfg.skip_gates_enabled) == (0, False)
 
 
 def test_parsing_happens_only_on_request():
@@ -120,7 +127,8 @@ def test_every_field_has_a_role():
 def test_architecture_knobs_are_model_fields():
     model = set(fields_with_role("model"))
     assert {"vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult", "tie_embeddings",
-            "rope_base", "logit_softcap", "mlp_act", "mlp_leaky_slope", "rope_dims", "ln_scale"} <= model
+            "rope_base", "logit_softcap", "mlp_act", "mlp_leaky_slope", "rope_dims", "ln_scale", "xsa_last_n",
+            "skip_gates_enabled"} <= model
     # the optimizer and the run length are not part of what an artifact is valid under
     assert not {"matrix_lr", "seed", "iterations", "val_batch_size", "compute_dtype"} & model
     assert {"matrix_lr", "seed", "warmdown_iters", "train_seq_len"} <= set(fields_with_role("train"))

@@ -113,6 +113,20 @@ def test_mlp_hidden_is_mult_times_dim_exactly():
         mlp_hidden(dataclasses.replace(TINY, mlp_mult=1.01))  # 64.64: never rounded
 
 
+def test_skip_gates_row_exists_only_when_enabled_and_leaves_the_init_alone():
+    assert "skip_gates" not in param_shapes(BASELINE)
+    gated = dataclasses.replace(BASELINE, skip_gates_enabled=True)
+    rows = {p.name: p for p in param_table(gated)}
+    assert (rows["skip_gates"].shape, rows["skip_gates"].init, rows["skip_gates"].store) == ((4, 512), "zeros",
+                                                                                             "control")
+    assert optimizer_group("skip_gates", gated) == "scalar"
+    with pytest.raises(ValueError, match="skip_gates"):
+        optimizer_group("skip_gates", BASELINE)
+    plain, w = init_params(TINY), init_params(dataclasses.replace(TINY, skip_gates_enabled=True, xsa_last_n=2))
+    assert not w.pop("skip_gates").any() and w.keys() == plain.keys()  # zeros draw nothing: the rest is the same
+    assert all(np.array_equal(w[k], plain[k]) for k in plain)
+
+
 def test_memory_estimate_grows_and_refuses_absurd_sizes():
     base = estimate_memory_bytes(BASELINE, 0)
     assert base >= 16 * 17_059_912  # at least fp32 weights, grads and two Adam moments
