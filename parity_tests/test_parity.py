@@ -415,3 +415,16 @@ def test_a_torch_checkpoint_resumes_in_mlx(tiny_data, tmp_path):
     for s in lm:  # logged at 4 decimals
         assert abs(lt[s] - lm[s]) <= 2e-4, f"step {s}: torch {lt[s]} mlx (resumed) {lm[s]}"
     assert abs(parse_final(torch_run)["val_bpb"] - parse_final(mlx_run)["val_bpb"]) <= 1e-4
+
+
+def test_injected_xsa_on_the_first_layers_is_caught(monkeypatch):
+    """XSA_LAST_N counted from the wrong end (the first n layers instead of the last n)."""
+    cfg = cfg_for("xsa")  # XSA on layers 1, 2 of 3; the fault puts it on 0, 1
+    orig = mlx_model.Block.__init__
+
+    def init(self, c, layer_idx, *a, **k):
+        orig(self, c, layer_idx, *a, **k)
+        self.attn._xsa = layer_idx < c.xsa_last_n
+    monkeypatch.setattr(mlx_model.Block, "__init__", init)
+    with pytest.raises(AssertionError, match="logits: max abs diff"):
+        check_forward(cfg, mlx_cpu_ops.ComposedOps)
