@@ -428,3 +428,36 @@ def test_injected_xsa_on_the_first_layers_is_caught(monkeypatch):
     monkeypatch.setattr(mlx_model.Block, "__init__", init)
     with pytest.raises(AssertionError, match="logits: max abs diff"):
         check_forward(cfg, mlx_cpu_ops.ComposedOps)
+
+
+# Nothing leaks from later tokens: checked in each framework on its own, with every feature built so far on.
+def _future_changes_nothing(logits_fn, cfg: Hyperparameters, t: int) -> float:
+    """Max change of the logits at positions <= t when every token after t is replaced."""
+    x, _ = batch(cfg, n=2, seed=7)
+    other = x.copy()
+    other[:, t + 1:] = (other[:, t + 1:] + 1 + np.arange(other.shape[1] - t - 1)) % cfg.vocab_size
+    return float(np.abs(logits_fn(x)[:, :t + 1] - logits_fn(other)[:, :t + 1]).max())
+
+
+@pytest.mark.parametrize("framework", ["torch", "mlx_composed", "mlx_fused"])
+def test_no_logit_sees_a_later_token(framework):
+    cfg = cfg_for("record_stack")
+    state = C.random_state(cfg, seed=8)
+    if framework == "torch":
+        model = C.torch_model(cfg, state)
+        fn = lambda ids: C.torch_logits(model, ids)  # noqa: E731
+    else:
+        model = C.mlx_model(cfg, state, MLX_OPS[framework.split("_")[1]])
+        fn = lambda ids: C.mlx_logits(model, ids)  # noqa: E731
+    for t in (0, 5, cfg.train_seq_len - 2):
+        assert _future_changes_nothing(fn, cfg, t) == 0.0, f"{framework}: a token after {t} changed a logit at <= {t}"
+
+
+def test_injected_attention_leak_is_caught(monkeypatch):
+    """The leak test must fail when the causal mask is dropped (a full softmax over all positions)."""
+    def full_attention(q, k, v, scale):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    monkeypatch.setattr(mlx_cpu_ops.FusedOps, "attention", staticmethod(full_attention))
+    cfg = cfg_for("record_stack")
+    model = C.mlx_model(cfg, C.random_state(cfg, seed=8), mlx_cpu_ops.FusedOps)
+    assert _future_changes_nothing(lambda ids: C.mlx_logits(model, ids), cfg, 5) > 0.0
