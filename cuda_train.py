@@ -56,8 +56,10 @@ class TorchBackend:
         return f"torch-{torch.__version__} device:{self.device} gpu:{gpu} world:{self.world_size} dtype:{self.dtype}"
 
     # -- model and optimizer state --
-    def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool) -> None:
-        self.model = build_model(cfg, self.device, weights, self.dtype)
+    def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
+              bos_id: int | None = None) -> None:
+        self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
+        self.model = build_model(cfg, self.device, weights, self.dtype, bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
         self.train_model = self._wrap(self.model) if train else None
 

@@ -173,8 +173,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Hyperparameters, dtype: mx.Dtype = mx.float32, ops=None):
+    def __init__(self, cfg: Hyperparameters, dtype: mx.Dtype = mx.float32, ops=None, bos_id: int | None = None):
         super().__init__()
+        self._bos_id = bos_id  # the tokenizer's BOS id (None/-1: unknown); read by BOS-aware features
         self._ops = ops if ops is not None else select_ops(cfg)
         self._logit_softcap = cfg.logit_softcap
         self._tie_embeddings = cfg.tie_embeddings
@@ -221,9 +222,9 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: Hyperparameters, state: dict[str, np.ndarray] | None = None, dtype: mx.Dtype = mx.float32,
-                ops=None) -> GPT:
-    """A GPT holding `state` (default: the shared numpy init for SEED)."""
-    model = GPT(cfg, dtype, ops)
+                ops=None, bos_id: int | None = None) -> GPT:
+    """A GPT holding `state` (default: the shared numpy init for SEED); bos_id from the tokenizer."""
+    model = GPT(cfg, dtype, ops, bos_id)
     load_numpy_state(model, init_params(cfg) if state is None else state)
     return model
 

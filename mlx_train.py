@@ -78,8 +78,10 @@ class MLXBackend:
                 f"ops:{select_ops(self.cfg).__name__} cpu_blas:{CPU_BLAS}")
 
     # -- model and optimizer state --
-    def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool) -> None:
-        self.model = build_model(cfg, weights, self.dtype)
+    def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
+              bos_id: int | None = None) -> None:
+        self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
+        self.model = build_model(cfg, weights, self.dtype, bos_id=bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
         # inputs=model.state: the weights are inputs of the compiled graphs, not constants of the first trace
         self.nll_fn = (mx.compile(self.model.token_nll, inputs=self.model.state) if cfg.mlx_compile

@@ -174,8 +174,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: Hyperparameters, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: Hyperparameters, dtype: torch.dtype = torch.float32, bos_id: int | None = None):
         super().__init__()
+        self.bos_id = bos_id  # the tokenizer's BOS id (None/-1: unknown); read by BOS-aware features
         self.logit_softcap = cfg.logit_softcap
         self.tie_embeddings = cfg.tie_embeddings
         self.dtype = dtype
@@ -221,9 +222,9 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: Hyperparameters, device: torch.device | str = "cpu", state: dict[str, np.ndarray] | None = None,
-                dtype: torch.dtype = torch.float32) -> GPT:
-    """A GPT on device holding `state` (default: the shared numpy init for SEED)."""
-    model = GPT(cfg, dtype).to(device)
+                dtype: torch.dtype = torch.float32, bos_id: int | None = None) -> GPT:
+    """A GPT on device holding `state` (default: the shared numpy init for SEED); bos_id from the tokenizer."""
+    model = GPT(cfg, dtype, bos_id).to(device)
     load_numpy_state(model, init_params(cfg) if state is None else state)
     return model
 

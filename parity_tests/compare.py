@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from shared import bpb  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
+from shared.manifest import BOS_ID  # noqa: E402  (the shards' BOS, which the tokenizers here share)
 from shared.spec import param_table  # noqa: E402
 
 # fp32 tolerances (STYLE.md): forward, loss, gradients.
@@ -45,12 +46,13 @@ def random_state(cfg: Hyperparameters, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def torch_model(cfg: Hyperparameters, state: dict[str, np.ndarray], device: str = "cpu", dtype=torch.float32):
-    return torch_model_mod.build_model(cfg, torch.device(device), state, dtype)
+def torch_model(cfg: Hyperparameters, state: dict[str, np.ndarray], device: str = "cpu", dtype=torch.float32,
+                bos_id: int = BOS_ID):
+    return torch_model_mod.build_model(cfg, torch.device(device), state, dtype, bos_id)
 
 
-def mlx_model(cfg: Hyperparameters, state: dict[str, np.ndarray], ops=None, dtype=mx.float32):
-    return mlx_model_mod.build_model(cfg, state, dtype, ops)
+def mlx_model(cfg: Hyperparameters, state: dict[str, np.ndarray], ops=None, dtype=mx.float32, bos_id: int = BOS_ID):
+    return mlx_model_mod.build_model(cfg, state, dtype, ops, bos_id)
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:

@@ -116,6 +116,7 @@ class EvalData:
     tokens: np.ndarray
     windows: np.ndarray
     tables: ByteTables
+    bos_id: int  # the tokenizer's BOS id (-1: it has none); documents start with it
 
 
 def load_eval_data(cfg: Hyperparameters) -> EvalData:
@@ -123,7 +124,7 @@ def load_eval_data(cfg: Hyperparameters) -> EvalData:
     sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
     tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
     windows = eval_windows(tokens.size, cfg.train_seq_len, cfg.eval_stride)
-    return EvalData(tokens, windows, build_byte_tables(sp, cfg.vocab_size))
+    return EvalData(tokens, windows, build_byte_tables(sp, cfg.vocab_size), int(sp.bos_id()))
 
 
 def progress_logger(log: Callable[[str], None] | None) -> Callable[[int, int], None]:

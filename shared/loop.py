@@ -36,7 +36,8 @@ class Backend(Protocol):
     world_size: int
 
     def describe(self) -> str: ...  # one header line: versions, device, dtype
-    def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool) -> None: ...
+    def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
+              bos_id: int | None = None) -> None: ...  # bos_id: the tokenizer's, for BOS-aware features
     def weights(self) -> dict[str, np.ndarray]: ...  # fp32 numpy copies (never views of live state)
     def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
     def optimizer_slots(self) -> Slots: ...  # collective; copies of every slot (zeros before a step)
@@ -89,7 +90,7 @@ def train(make_backend: Callable[[Hyperparameters], Backend], files: tuple[str, 
     preflight(cfg, be)
     st = TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), be.rank, be.world_size, cfg.vocab_size))
     fingerprint = {"tokenizer_sha256": tokenizer_sha, "train_shards": st.loader.stream.fingerprint()}
-    be.build(cfg, init_params(cfg), train=True)
+    be.build(cfg, init_params(cfg), train=True, bos_id=data.bos_id)
     if resume:
         restore(be, st, cfg, resume, fingerprint)
         log(f"resumed:{resume} step:{st.step}")
@@ -260,7 +261,7 @@ def score_artifact(be: Backend, path: str, cfg: Hyperparameters, data: bpb.EvalD
                    shipped_file: str, state: dict[str, np.ndarray] | None = None) -> None:
     """Reload the artifact from disk (unless given its state), build a fresh model, evaluate, print the final lines."""
     state = artifact.load_artifact(path)[0] if state is None else state
-    be.build(cfg, state, train=False)
+    be.build(cfg, state, train=False, bos_id=data.bos_id)
     t0 = time.perf_counter()
     acc = be.evaluate(data, log)
     log_final(log, acc, path, shipped_file, 1000.0 * (time.perf_counter() - t0))
