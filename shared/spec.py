@@ -27,7 +27,7 @@ OPTIMIZER_SLOTS = {"adam": ("m", "v", "step"), "muon": ("momentum",)}
 # How the artifact stores a row: 'control' tensors (small per-channel gains) stay fp32 when small;
 # 'weight' tensors are quantized (see shared/quant/).
 STORE_KINDS = ("control", "weight")
-INIT_RULES = ("normal", "zeros", "ones", "const", "resid_mix", "linear_uniform")
+INIT_RULES = ("normal", "zeros", "ones", "const", "resid_mix", "linear_uniform", "orthogonal")
 
 # Newton-Schulz quintic coefficients for Muon's orthogonalisation (Keller Jordan's Muon,
 # as in the official baseline): 5 steps push singular values into about [0.7, 1.2].
@@ -78,16 +78,17 @@ def _skip_rows(cfg: Hyperparameters) -> list[Param]:
 
 def _block_rows(cfg: Hyperparameters, i: int) -> list[Param]:
     d, kv, hidden, p = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, mlp_hidden(cfg), f"blocks.{i}."
+    init = "orthogonal" if cfg.ortho_init else "linear_uniform"  # input projections; outputs start at zero
     return [
-        Param(p + "attn.c_q.weight", (d, d), "linear_uniform", "matrix", "weight"),
-        Param(p + "attn.c_k.weight", (kv, d), "linear_uniform", "matrix", "weight"),
-        Param(p + "attn.c_v.weight", (kv, d), "linear_uniform", "matrix", "weight"),
+        Param(p + "attn.c_q.weight", (d, d), init, "matrix", "weight"),
+        Param(p + "attn.c_k.weight", (kv, d), init, "matrix", "weight"),
+        Param(p + "attn.c_v.weight", (kv, d), init, "matrix", "weight"),
         Param(p + "attn.proj.weight", (d, d), "zeros", "matrix", "weight"),  # zero-init: blocks start as identity
         Param(p + "attn.q_gain", (cfg.num_heads,), "const", "scalar", "control", cfg.qk_gain_init),
         Param(p + "attn_scale", (d,), "ones", "scalar", "control"),
         Param(p + "mlp_scale", (d,), "ones", "scalar", "control"),
         Param(p + "resid_mix", (2, d), "resid_mix", "scalar", "control"),
-        Param(p + "mlp.fc.weight", (hidden, d), "linear_uniform", "matrix", "weight"),
+        Param(p + "mlp.fc.weight", (hidden, d), init, "matrix", "weight"),
         Param(p + "mlp.proj.weight", (d, hidden), "zeros", "matrix", "weight"),
     ]
 
@@ -159,8 +160,26 @@ def _init_one(p: Param, rng: np.random.Generator) -> np.ndarray:
         return np.full(p.shape, p.value)
     if p.init == "resid_mix":
         return np.stack([np.ones(p.shape[1]), np.zeros(p.shape[1])])  # all residual, no x0
+    if p.init == "orthogonal":
+        return orthogonal(p.shape, rng)
     bound = 1.0 / np.sqrt(p.shape[1])  # linear_uniform: nn.Linear's default kaiming-uniform(a=sqrt(5)) bound
     return rng.uniform(-bound, bound, size=p.shape)
+
+
+def orthogonal(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A random (semi-)orthogonal matrix, gain 1: orthonormal rows if rows <= cols, else orthonormal columns.
+
+    Saxe et al. 2013 ("Exact solutions to the nonlinear dynamics of learning in deep linear networks"),
+    drawn the way torch.nn.init.orthogonal_ does: QR of a Gaussian matrix (of its transpose when wide), with
+    the signs of R's diagonal folded into Q so the draw is uniform (Haar). float64, so the float32 result is
+    the same bits on any machine whose LAPACK rounds alike (both frameworks always get these exact arrays).
+    """
+    rows, cols = shape
+    a = rng.standard_normal((rows, cols))
+    wide = rows < cols
+    q, r = np.linalg.qr(a.T if wide else a)  # reduced QR: q has orthonormal columns
+    q = q * np.sign(np.diag(r))[None, :]
+    return q.T if wide else q
 
 
 def estimate_memory_bytes(cfg: Hyperparameters, tokens_in_flight: int) -> int:

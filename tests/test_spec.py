@@ -137,3 +137,37 @@ def test_memory_estimate_grows_and_refuses_absurd_sizes():
     absurd = dataclasses.replace(BASELINE, model_dim=65_536, num_layers=64)
     # c_q and attn.proj alone are 2 * 65536^2 parameters a layer: 64 * 2 * 2^32 * 16 bytes = 8 TiB.
     assert estimate_memory_bytes(absurd, 0) >= 16 * 64 * 2 * 65_536**2 > 24 * GiB
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (32, 64), (64, 64)])
+def test_orthogonal_draw_is_semi_orthogonal(shape):
+    from shared.spec import orthogonal
+    w = orthogonal(shape, np.random.default_rng(0))
+    gram = w @ w.T if shape[0] <= shape[1] else w.T @ w  # orthonormal rows if wide/square, columns if tall
+    np.testing.assert_allclose(gram, np.eye(min(shape)), atol=1e-12)
+
+
+def test_orthogonal_signs_follow_r_so_the_draw_is_uniform():
+    """R's diagonal signs folded into Q (as torch's orthogonal_): a plain QR's Q follows LAPACK's sign
+    convention (R's diagonal is often negative) and is not uniformly distributed; here A = Q R with diag(R) > 0."""
+    from shared.spec import orthogonal
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    q = orthogonal((48, 16), rng_a)
+    a = rng_b.standard_normal((48, 16))
+    r = q.T @ a  # the R of the sign-normalised factorisation: upper triangular with a positive diagonal
+    assert np.all(np.diag(r) > 0)
+    np.testing.assert_allclose(np.tril(r, -1), 0.0, atol=1e-12)
+
+
+def test_ortho_init_draws_input_projections_orthogonal_and_keeps_outputs_zero():
+    cfg = dataclasses.replace(TINY, ortho_init=True, num_layers=2)
+    state, plain = init_params(cfg), init_params(TINY)
+    for i in range(2):
+        for name in ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "mlp.fc.weight"):
+            w = state[f"blocks.{i}.{name}"].astype(np.float64)
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            np.testing.assert_allclose(gram, np.eye(min(w.shape)), atol=1e-5, err_msg=name)
+        for name in ("attn.proj.weight", "mlp.proj.weight"):
+            assert not state[f"blocks.{i}.{name}"].any(), name
+    assert np.array_equal(state["tok_emb.weight"], plain["tok_emb.weight"])  # drawn first, unchanged
+    assert np.array_equal(init_params(cfg)["blocks.1.mlp.fc.weight"], state["blocks.1.mlp.fc.weight"])  # seeded
