@@ -27,7 +27,7 @@ from shared.data import TokenLoader, train_pattern
 from shared.manifest import check_tokenizer
 from shared.runlog import RunLog, log_final, step_line, val_line
 from shared.schedule import lr_multiplier, muon_momentum, should_checkpoint, should_log_train, should_validate
-from shared.spec import estimate_memory_bytes, init_params
+from shared.spec import count_params, estimate_memory_bytes, init_params
 
 
 class Backend(Protocol):
@@ -91,6 +91,7 @@ def train(make_backend: Callable[[Hyperparameters], Backend], files: tuple[str, 
     st = TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), be.rank, be.world_size, cfg.vocab_size))
     fingerprint = {"tokenizer_sha256": tokenizer_sha, "train_shards": st.loader.stream.fingerprint()}
     be.build(cfg, init_params(cfg), train=True, bos_id=data.bos_id)
+    log(f"model_params:{count_params(cfg)}")  # as the official script prints it
     if resume:
         restore(be, st, cfg, resume, fingerprint)
         log(f"resumed:{resume} step:{st.step}")

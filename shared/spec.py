@@ -107,6 +107,10 @@ def param_table(cfg: Hyperparameters) -> list[Param]:
     return rows + _head_rows(cfg)
 
 
+def count_params(cfg: Hyperparameters) -> int:
+    return sum(int(np.prod(p.shape)) for p in param_table(cfg))
+
+
 def param_shapes(cfg: Hyperparameters) -> dict[str, tuple[int, ...]]:
     return {p.name: p.shape for p in param_table(cfg)}
 
@@ -186,7 +190,7 @@ def estimate_memory_bytes(cfg: Hyperparameters, tokens_in_flight: int) -> int:
     """A lower bound of training memory, to refuse absurd sizes before an allocator does: fp32 weights,
     grads and optimizer state (16 bytes a parameter) plus activations kept for backward, counted low:
     ~8*D + 2*hidden floats a token a layer and three vocab-sized fp32 rows for the logits."""
-    n_params = sum(int(np.prod(p.shape)) for p in param_table(cfg))
+    n_params = count_params(cfg)
     per_token = cfg.num_layers * (8 * cfg.model_dim + 2 * mlp_hidden(cfg)) + 3 * cfg.vocab_size
     return 16 * n_params + 4 * per_token * tokens_in_flight
 

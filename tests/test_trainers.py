@@ -7,8 +7,10 @@ import pytest
 
 from conftest import ROOT, run_script, tiny_env
 from shared.artifact import load_artifact
+from shared.config import Hyperparameters
 from shared.data import write_shard
 from shared.runlog import parse_final, parse_train_losses
+from shared.spec import count_params
 
 TRAINERS = ["cuda_train.py", "mlx_train.py"]
 
@@ -29,6 +31,8 @@ def test_loss_falls_and_final_lines_parse(trained):
     assert losses[30] < losses[1] - 0.8, losses
     assert 0 < parse_final(trained["out"])["val_bpb"] < 8
     assert "val_tokens:" in trained["out"] and "limit:16000000" in trained["out"]
+    cfg = Hyperparameters.from_env(trained["env"])
+    assert f"model_params:{count_params(cfg)}\n" in trained["out"]  # printed at start-up, as the official script
 
 
 def test_artifact_round_trips_and_eval_mode_repeats_the_score(trained):
