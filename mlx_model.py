@@ -96,12 +96,38 @@ def gated_skip(x: mx.array, skip: mx.array, gate: mx.array) -> mx.array:
     return g * x + (1 - g) * skip
 
 
+def smear(e: mx.array, ids: mx.array, weight: mx.array, lam: mx.array, bos_id: int | None) -> mx.array:
+    """The record's SmearGate with its BOS fix (SMEAR_GATE_ENABLED, RECORD_STACK.md §3.1):
+    e'_t = e_t + lambda * sigmoid(w . e_t[:W]) * 1[ids_t != BOS] * e_{t-1} for t >= 1, e'_0 = e_0.
+
+    e (B, T, dim) raw (pre-norm) embeddings, ids (B, T), weight (1, W), lam (1,). The mask reads the CURRENT token:
+    a document's BOS never takes the previous document's last token. The gate is an fp32 product-sum, not a matmul
+    (as in torch_model.py, where CUDA runs fp32 matmuls in TF32). Returns fp32 (B, T, dim)."""
+    if bos_id is None or bos_id < 0:
+        raise ValueError("SMEAR_GATE_ENABLED=1 needs the tokenizer's BOS id; TOKENIZER_PATH's model has none")
+    e = e.astype(mx.float32)
+    g = lam * mx.sigmoid(mx.sum(e[..., :weight.shape[-1]] * weight[0], axis=-1, keepdims=True))  # (B, T, 1)
+    keep = (ids[:, 1:] != bos_id).astype(mx.float32)[..., None]  # (B, T-1, 1): 0 where the current token is BOS
+    return mx.concatenate([e[:, :1], e[:, 1:] + g[:, 1:] * keep * e[:, :-1]], axis=1)
+
+
+def sparse_attn_gate(y: mx.array, n: mx.array, weight: mx.array, scale: float) -> mx.array:
+    """Sparse attention output gate (SPARSE_ATTN_GATE_ENABLED, RECORD_STACK.md §3.4): y_h * sigmoid(scale * G_h.n[:W]).
+
+    y (B, H, T, D) head outputs (after XSA); n (B, T, dim) the attention's input (normed, LN-scaled), of which the
+    first W dims are read; weight G (H, W). fp32 product-sum, not a matmul (as in torch). Returns fp32 (B, H, T, D)."""
+    z = mx.sum(n.astype(mx.float32)[:, :, None, :weight.shape[-1]] * weight, axis=-1)  # (B, T, H)
+    g = mx.sigmoid(scale * z).transpose(0, 2, 1)[..., None]  # (B, H, T, 1)
+    return y.astype(mx.float32) * g
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
-                 qk_gain_init: float, xsa: bool, dtype: mx.Dtype, ops):
+                 qk_gain_init: float, xsa: bool, dtype: mx.Dtype, ops, gate_window: int = 0, gate_scale: float = 1.0):
         super().__init__()
         self._num_heads, self._num_kv_heads = num_heads, num_kv_heads
         self._xsa = xsa
+        self._gate_window, self._gate_scale = gate_window, gate_scale  # sparse output gate; 0 = off
         self._head_dim = dim // num_heads
         self._dtype, self._ops = dtype, ops
         kv_dim = num_kv_heads * self._head_dim
@@ -112,6 +138,8 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = mx.full((num_heads,), qk_gain_init, dtype=mx.float32)
         self.rotary = Rotary(rope_dims or self._head_dim, rope_base)  # ROPE_DIMS=0: every dim
         self._scale = self._head_dim ** -0.5  # explicit attention scale
+        if gate_window:
+            self.attn_gate_w = mx.zeros((num_heads, gate_window))
 
     def __call__(self, x: mx.array) -> mx.array:
         bsz, seqlen, dim = x.shape
@@ -128,6 +156,8 @@ class CausalSelfAttention(nn.Module):
                                 self._scale)  # causal, GQA
         if self._xsa:
             y = exclusive_self_attention(y, v)
+        if self._gate_window:
+            y = sparse_attn_gate(y, x, self.attn_gate_w, self._gate_scale)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, seqlen, dim)
         return self.proj(y)
 
@@ -157,8 +187,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(ln_scale)
         self.mlp_norm = RMSNorm(ln_scale)
         xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n  # XSA_LAST_N: the last n physical layers
+        gate_window = cfg.gate_window if cfg.sparse_attn_gate_enabled else 0
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
-                                        cfg.qk_gain_init, xsa, dtype, ops)
+                                        cfg.qk_gain_init, xsa, dtype, ops, gate_window, cfg.sparse_attn_gate_scale)
         self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
         self.attn_scale = mx.ones((dim,))
         self.mlp_scale = mx.ones((dim,))
@@ -181,6 +212,10 @@ class GPT(nn.Module):
         self._tie_embeddings = cfg.tie_embeddings
         self._dtype = dtype
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self._smear_gate_enabled = cfg.smear_gate_enabled
+        if cfg.smear_gate_enabled:  # the record's names; smear() reads the weight, it is never called as a Linear
+            self.smear_gate = CastedLinear(cfg.gate_window, 1, dtype)
+            self.smear_lambda = mx.zeros((1,))
         self._num_encoder_layers = cfg.num_layers // 2
         self._num_decoder_layers = cfg.num_layers - self._num_encoder_layers
         self.skip_weights = mx.ones((num_skip_weights(cfg), cfg.model_dim))
@@ -194,6 +229,8 @@ class GPT(nn.Module):
 
     def logits(self, input_ids: mx.array) -> mx.array:
         x = self.tok_emb(input_ids)  # (B, T, D)
+        if self._smear_gate_enabled:
+            x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self._bos_id)
         x = rms_norm(x)
         x0 = x
         skips = []

@@ -97,12 +97,38 @@ def gated_skip(x: Tensor, skip: Tensor, gate: Tensor) -> Tensor:
     return g * x + (1 - g) * skip
 
 
+def smear(e: Tensor, ids: Tensor, weight: Tensor, lam: Tensor, bos_id: int | None) -> Tensor:
+    """The record's SmearGate with its BOS fix (SMEAR_GATE_ENABLED, RECORD_STACK.md §3.1):
+    e'_t = e_t + lambda * sigmoid(w . e_t[:W]) * 1[ids_t != BOS] * e_{t-1} for t >= 1, e'_0 = e_0.
+
+    e (B, T, dim) raw (pre-norm) embeddings, ids (B, T), weight (1, W), lam (1,). The mask reads the CURRENT token:
+    a document's BOS never takes the previous document's last token. The gate is an fp32 product-sum, not a matmul
+    (CUDA runs fp32 matmuls in TF32 here). Returns fp32 (B, T, dim)."""
+    if bos_id is None or bos_id < 0:
+        raise ValueError("SMEAR_GATE_ENABLED=1 needs the tokenizer's BOS id; TOKENIZER_PATH's model has none")
+    e = e.float()
+    g = lam * torch.sigmoid((e[..., :weight.size(-1)] * weight[0]).sum(dim=-1, keepdim=True))  # (B, T, 1)
+    keep = (ids[:, 1:] != bos_id).float()[..., None]  # (B, T-1, 1): 0 where the current token is BOS
+    return torch.cat((e[:, :1], e[:, 1:] + g[:, 1:] * keep * e[:, :-1]), dim=1)
+
+
+def sparse_attn_gate(y: Tensor, n: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """Sparse attention output gate (SPARSE_ATTN_GATE_ENABLED, RECORD_STACK.md §3.4): y_h * sigmoid(scale * G_h.n[:W]).
+
+    y (B, H, T, D) head outputs (after XSA); n (B, T, dim) the attention's input (normed, LN-scaled), of which the
+    first W dims are read; weight G (H, W). fp32 product-sum, not a matmul (TF32 on CUDA). Returns fp32 (B, H, T, D)."""
+    z = (n.float()[:, :, None, :weight.size(-1)] * weight).sum(dim=-1)  # (B, T, H)
+    g = torch.sigmoid(scale * z).transpose(1, 2)[..., None]  # (B, H, T, 1)
+    return y.float() * g
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
-                 qk_gain_init: float, xsa: bool, dtype: torch.dtype):
+                 qk_gain_init: float, xsa: bool, dtype: torch.dtype, gate_window: int = 0, gate_scale: float = 1.0):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.xsa = xsa
+        self.gate_window, self.gate_scale = gate_window, gate_scale  # sparse output gate; 0 = off
         self.head_dim = dim // num_heads
         self.dtype = dtype
         kv_dim = num_kv_heads * self.head_dim
@@ -113,6 +139,8 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(rope_dims or self.head_dim, rope_base)  # ROPE_DIMS=0: every dim
         self.scale = self.head_dim ** -0.5  # explicit attention scale
+        if gate_window:
+            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, gate_window))
 
     def forward(self, x: Tensor) -> Tensor:
         bsz, seqlen, dim = x.shape
@@ -129,6 +157,8 @@ class CausalSelfAttention(nn.Module):
                                            scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
         if self.xsa:
             y = exclusive_self_attention(y, v)
+        if self.gate_window:
+            y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
         y = y.transpose(1, 2).reshape(bsz, seqlen, dim)
         return self.proj(y)
 
@@ -158,8 +188,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(ln_scale)
         self.mlp_norm = RMSNorm(ln_scale)
         xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n  # XSA_LAST_N: the last n physical layers
+        gate_window = cfg.gate_window if cfg.sparse_attn_gate_enabled else 0
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
-                                        cfg.qk_gain_init, xsa, dtype)
+                                        cfg.qk_gain_init, xsa, dtype, gate_window, cfg.sparse_attn_gate_scale)
         self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -181,6 +212,10 @@ class GPT(nn.Module):
         self.tie_embeddings = cfg.tie_embeddings
         self.dtype = dtype
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.smear_gate_enabled = cfg.smear_gate_enabled
+        if cfg.smear_gate_enabled:  # the record's names; smear() reads the weight, it is never called as a Linear
+            self.smear_gate = CastedLinear(cfg.gate_window, 1, dtype)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(num_skip_weights(cfg), cfg.model_dim))
@@ -193,6 +228,8 @@ class GPT(nn.Module):
 
     def logits(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)  # (B, T, D)
+        if self.smear_gate_enabled:
+            x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
         x = rms_norm(x)
         x0 = x
         skips = []

@@ -52,9 +52,16 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
             "xsa_mha": {"xsa_last_n": 2, "num_layers": 2, "num_kv_heads": 4},
             "skip_gates": {"skip_gates_enabled": True, "num_layers": 5},
             "record_stack": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
-                             "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4}}
+                             "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4},
+            # SmearGate; sparse attention output gate (window 10 < head dim 16, the record's scale 0.5); both with
+            # the rest of the stack (the record's window 12). BOS-bearing batches: parity_tests/test_parity_gates.py
+            "smear": {"smear_gate_enabled": True, "gate_window": 5},
+            "sparse_gate": {"sparse_attn_gate_enabled": True, "gate_window": 10, "sparse_attn_gate_scale": 0.5},
+            "record_gates": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
+                             "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4, "smear_gate_enabled": True,
+                             "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5}}
 RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
-                   "skip_gates", "record_stack"]
+                   "skip_gates", "record_stack", "smear", "sparse_gate", "record_gates"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 

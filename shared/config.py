@@ -91,6 +91,10 @@ class Hyperparameters:
     xsa_last_n: int = _f(0, "model")  # the last N layers remove from each head's output its own token's v direction
     skip_gates_enabled: bool = _f(False, "model")  # U-Net skips mixed by a sigmoid gate (lerp), not added
     ortho_init: bool = _f(False, "train")  # q/k/v/MLP-up drawn orthogonal (the record) instead of nn.Linear-uniform
+    smear_gate_enabled: bool = _f(False, "model")  # e_t += lambda*sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1}, not at BOS
+    gate_window: int = _f(12, "model")  # the first GATE_WINDOW input dims feed the smear and sparse attention gates
+    sparse_attn_gate_enabled: bool = _f(False, "model")  # head h's output *= sigmoid(SCALE * G_h . n[:GATE_WINDOW])
+    sparse_attn_gate_scale: float = _f(1.0, "model")  # the record's code default; the record runs 0.5
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
@@ -157,6 +161,9 @@ class Hyperparameters:
                  f"must be even and in [0, head dim {self.head_dim}] (0 = all)")
         _require(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n",
                  f"must be in [0, NUM_LAYERS={self.num_layers}]")
+        if self.smear_gate_enabled or self.sparse_attn_gate_enabled:
+            _require(1 <= self.gate_window <= self.model_dim, "gate_window",
+                     f"must be in [1, MODEL_DIM={self.model_dim}] when a gate is on")
         from shared.spec import mlp_hidden  # here, not at the top: shared.spec imports this module
         mlp_hidden(self)  # MLP_MULT * MODEL_DIM must be a whole number
         _require(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")

@@ -76,6 +76,24 @@ def _skip_rows(cfg: Hyperparameters) -> list[Param]:
     return rows
 
 
+def _smear_rows(cfg: Hyperparameters) -> list[Param]:
+    """SMEAR_GATE_ENABLED (RECORD_STACK.md §3.1): gate weight w [1, W] and strength lambda [1], both zero-init
+    (lambda = 0: the identity at init; w gets no gradient until lambda moves)."""
+    if not cfg.smear_gate_enabled:
+        return []
+    return [Param("smear_gate.weight", (1, cfg.gate_window), "zeros", "scalar", "control"),
+            Param("smear_lambda", (1,), "zeros", "scalar", "control")]
+
+
+def _attn_gate_rows(cfg: Hyperparameters, i: int) -> list[Param]:
+    """SPARSE_ATTN_GATE_ENABLED (RECORD_STACK.md §3.4): G [H, W], zero-init (every head gated by 0.5 at init).
+    The record stores it int8 per row with an fp16 row scale (GATED_ATTN_QUANT_GATE=1); our int8 scheme keeps
+    tensors this small as floats, so 'control' keeps it exact (fp32) until a scheme does the record's int8."""
+    if not cfg.sparse_attn_gate_enabled:
+        return []
+    return [Param(f"blocks.{i}.attn.attn_gate_w", (cfg.num_heads, cfg.gate_window), "zeros", "scalar", "control")]
+
+
 def _block_rows(cfg: Hyperparameters, i: int) -> list[Param]:
     d, kv, hidden, p = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, mlp_hidden(cfg), f"blocks.{i}."
     init = "orthogonal" if cfg.ortho_init else "linear_uniform"  # input projections; outputs start at zero
@@ -101,9 +119,9 @@ def _head_rows(cfg: Hyperparameters) -> list[Param]:
 
 def param_table(cfg: Hyperparameters) -> list[Param]:
     """Every parameter, in the order init draws them (the order is part of the init)."""
-    rows = _embedding_rows(cfg) + _skip_rows(cfg)
+    rows = _embedding_rows(cfg) + _smear_rows(cfg) + _skip_rows(cfg)
     for i in range(cfg.num_layers):
-        rows += _block_rows(cfg, i)
+        rows += _block_rows(cfg, i) + _attn_gate_rows(cfg, i)
     return rows + _head_rows(cfg)
 
 
