@@ -52,9 +52,17 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
             "xsa_mha": {"xsa_last_n": 2, "num_layers": 2, "num_kv_heads": 4},
             "skip_gates": {"skip_gates_enabled": True, "num_layers": 5},
             "record_stack": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
-                             "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4}}
+                             "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4},
+            # depth recurrence: [0,1,2,1,2,1,2,3] split 4|4 (models are built looped; test_parity_loops.py runs
+            # both states); two parallel lanes (layers 2, 3); then both with every other record knob:
+            # looped [0,1,2,1] | [2,1,2,3,4], unlooped [0,1] | [2,3,4], lanes on layers 3, 4
+            "looped": {"num_layers": 4, "num_loops": 2, "loop_start": 1, "loop_end": 2},
+            "lanes": {"num_layers": 4, "parallel_start_layer": 2},
+            "record_loops_lanes": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
+                                   "xsa_last_n": 5, "skip_gates_enabled": True, "num_layers": 5, "num_loops": 2,
+                                   "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3}}
 RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
-                   "skip_gates", "record_stack"]
+                   "skip_gates", "record_stack", "looped", "lanes", "record_loops_lanes"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 
