@@ -84,6 +84,11 @@ class TorchBackend:
     def load_optimizer_slots(self, slots: dict) -> None:
         self.opts.load_slots(slots)
 
+    def set_looping(self, on: bool) -> None:
+        """Depth recurrence on/off (RECORD_STACK.md §3.2). torch.compile guards on the model's flag (a bool
+        attribute read in logits), so each state compiles once and both graphs stay cached; prime runs both."""
+        self.model.set_looping(on)
+
     # -- compute --
     def train_step(self, micro_batches: list, lr_scale: float, momentum: float) -> float:
         """One optimizer step over this rank's micro-batches; returns the global mean train loss."""
@@ -134,6 +139,13 @@ class TorchBackend:
         t = torch.tensor(int(flag), device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def max_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(value, device=self.device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def broadcast_text(self, text: str) -> str:
         if self.world_size == 1:

@@ -83,13 +83,34 @@ class MLXBackend:
         self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
         self.model = build_model(cfg, weights, self.dtype, bos_id=bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
-        # inputs=model.state: the weights are inputs of the compiled graphs, not constants of the first trace
-        self.nll_fn = (mx.compile(self.model.token_nll, inputs=self.model.state) if cfg.mlx_compile
-                       else self.model.token_nll)
-        # w: the chunk's share of the step mean, applied inside the compiled graph (no extra pass over grads)
-        grad_fn = nn.value_and_grad(self.model, lambda x, y, w: self.model(x, y) * w)
-        self.loss_and_grad = (mx.compile(grad_fn, inputs=self.model.state, outputs=self.model.state)
-                              if cfg.mlx_compile and train else grad_fn)
+        self.compile, self.train_graphs = cfg.mlx_compile, cfg.mlx_compile and train
+        self.looping = cfg.num_loops > 0  # as the model is built
+        self.graphs = {}  # (kind, looping) -> function, made on first use
+
+    def set_looping(self, on: bool) -> None:
+        """Depth recurrence on/off (RECORD_STACK.md §3.2). mx.compile fixes the model's flag at trace time,
+        so each state gets its own compiled graphs (made lazily; prime runs both)."""
+        self.looping = bool(on) and self.cfg.num_loops > 0  # NUM_LOOPS=0: one state, one set of graphs
+        self.model.set_looping(self.looping)
+
+    @property
+    def nll_fn(self):
+        key = ("nll", self.looping)
+        if key not in self.graphs:
+            # inputs=model.state: the weights are inputs of the compiled graphs, not constants of the first trace
+            fn = self.model.token_nll
+            self.graphs[key] = mx.compile(fn, inputs=self.model.state) if self.compile else fn
+        return self.graphs[key]
+
+    @property
+    def loss_and_grad(self):
+        key = ("grad", self.looping)
+        if key not in self.graphs:
+            # w: the chunk's share of the step mean, applied inside the compiled graph (no extra pass over grads)
+            fn = nn.value_and_grad(self.model, lambda x, y, w: self.model(x, y) * w)
+            self.graphs[key] = (mx.compile(fn, inputs=self.model.state, outputs=self.model.state)
+                                if self.train_graphs else fn)
+        return self.graphs[key]
 
     def weights(self) -> dict[str, np.ndarray]:
         return numpy_state(self.model)
@@ -142,6 +163,9 @@ class MLXBackend:
     # -- collectives (one process) and machine --
     def any_rank(self, flag: bool) -> bool:
         return flag
+
+    def max_over_ranks(self, value: float) -> float:
+        return value
 
     def broadcast_text(self, text: str) -> str:
         return text

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.spec import init_params, mlp_hidden, num_skip_weights
+from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights
 
 # ---- numerics, written out (mlx_model.py uses the same) ----
 RMS_NORM_EPS = 1e-6  # explicit: library defaults differ by dtype and framework
@@ -122,6 +122,11 @@ def sparse_attn_gate(y: Tensor, n: Tensor, weight: Tensor, scale: float) -> Tens
     return y.float() * g
 
 
+def merge_lanes(lane0: Tensor, lane1: Tensor) -> Tensor:
+    """PARALLEL_START_LAYER: the two lanes end as their mean (the record's PARALLEL_FINAL_LANE=mean, §3.7)."""
+    return 0.5 * (lane0 + lane1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
                  qk_gain_init: float, xsa: bool, dtype: torch.dtype, gate_window: int = 0, gate_scale: float = 1.0):
@@ -203,6 +208,17 @@ class Block(nn.Module):
         x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
 
+    def parallel(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
+        """Two residual lanes (RECORD_STACK.md §3.7, from the 2026-03-31 ParallelResiduals record): attention
+        reads lane 0 mixed with x0, the MLP reads lane 1 alone (not this layer's attention); post[s, l] sends
+        sublayer s (0 attention, 1 MLP) into lane l, resid[l] scales lane l. fp32 like the residual stream."""
+        mix = self.resid_mix
+        u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
+        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u))
+        m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1))
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: Hyperparameters, dtype: torch.dtype = torch.float32, bos_id: int | None = None):
@@ -216,12 +232,18 @@ class GPT(nn.Module):
         if cfg.smear_gate_enabled:  # the record's names; smear() reads the weight, it is never called as a Linear
             self.smear_gate = CastedLinear(cfg.gate_window, 1, dtype)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        # NUM_LOOPS: the looped and unlooped plans (shared/spec.layer_plan); set_looping picks one
+        self.plan_unlooped, self.plan_looped = layer_plan(cfg, False), layer_plan(cfg, True)
+        self.looping = cfg.num_loops > 0  # built looped: every score runs looped; training switches it
         self.skip_weights = nn.Parameter(torch.ones(num_skip_weights(cfg), cfg.model_dim))
         self.skip_gates_enabled = cfg.skip_gates_enabled
         if cfg.skip_gates_enabled:
             self.skip_gates = nn.Parameter(torch.zeros(num_skip_weights(cfg), cfg.model_dim))
+        self.parallel_start = cfg.parallel_start_layer  # 0: one residual stream throughout
+        if self.parallel_start:
+            lanes = cfg.num_layers - self.parallel_start
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(lanes, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((lanes, 2), 1.1))
         self.blocks = nn.ModuleList([Block(cfg, i, dtype) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
@@ -232,22 +254,43 @@ class GPT(nn.Module):
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
         x = rms_norm(x)
         x0 = x
+        plan = self.plan_looped if self.looping else self.plan_unlooped
         skips = []
-        for i in range(self.num_encoder_layers):
+        for i in plan.encoder:
             x = self.blocks[i](x, x0)
             skips.append(x)
-        for i in range(self.num_decoder_layers):
-            if skips:
-                skip = self.skip_weights[i][None, None, :] * skips.pop()
-                if self.skip_gates_enabled:
-                    x = gated_skip(x, skip, self.skip_gates[i][None, None, :])
-                else:
-                    x = x + skip
-            x = self.blocks[self.num_encoder_layers + i](x, x0)
+        lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
+        for i, slot in zip(plan.decoder, plan.skip_slots):
+            if lanes is None and 0 < self.parallel_start <= i:
+                lanes = (x, x)  # split before the skip, which joins lane 0 only
+            if lanes is None:
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0)
+            else:
+                lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i))
+        if lanes is not None:
+            x = merge_lanes(*lanes)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
         z = F.linear(x.to(self.dtype), w.to(self.dtype)).float()  # (B, T, V), softcap and loss in fp32
         return self.logit_softcap * torch.tanh(z / self.logit_softcap)
+
+    def add_skip(self, x: Tensor, skip: Tensor, slot: int) -> Tensor:
+        """U-Net skip through `slot` (§3.6): scaled by skip_weights[slot], then added or gate-mixed."""
+        skip = self.skip_weights[slot][None, None, :] * skip
+        if self.skip_gates_enabled:
+            return gated_skip(x, skip, self.skip_gates[slot][None, None, :])
+        return x + skip
+
+    def lane_lambdas(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(post [2, 2], resid [2]) of a lane layer: row layer - PARALLEL_START_LAYER (shared/spec._lane_rows)."""
+        k = layer - self.parallel_start
+        return self.parallel_post_lambdas[k], self.parallel_resid_lambdas[k]
+
+    def set_looping(self, on: bool) -> None:
+        """Depth recurrence on or off (RECORD_STACK.md §3.2); a no-op without NUM_LOOPS. Under torch.compile
+        the flag is guarded: each state compiles once, then both graphs stay cached."""
+        self.looping = bool(on)
 
     def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         logits = self.logits(input_ids)

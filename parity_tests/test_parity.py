@@ -59,9 +59,18 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
             "sparse_gate": {"sparse_attn_gate_enabled": True, "gate_window": 10, "sparse_attn_gate_scale": 0.5},
             "record_gates": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
                              "xsa_last_n": 4, "skip_gates_enabled": True, "num_layers": 4, "smear_gate_enabled": True,
-                             "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5}}
+                             "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5},
+            # depth recurrence: [0,1,2,1,2,1,2,3] split 4|4 (models are built looped; test_parity_loops.py runs
+            # both states); two parallel lanes (layers 2, 3); then both with every other record knob:
+            # looped [0,1,2,1] | [2,1,2,3,4], unlooped [0,1] | [2,3,4], lanes on layers 3, 4
+            "looped": {"num_layers": 4, "num_loops": 2, "loop_start": 1, "loop_end": 2},
+            "lanes": {"num_layers": 4, "parallel_start_layer": 2},
+            "record_loops_lanes": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
+                                   "xsa_last_n": 5, "skip_gates_enabled": True, "num_layers": 5, "num_loops": 2,
+                                   "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3}}
 RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
-                   "skip_gates", "record_stack", "smear", "sparse_gate", "record_gates"]
+                   "skip_gates", "record_stack", "smear", "sparse_gate", "record_gates", "looped", "lanes",
+                   "record_loops_lanes"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 

@@ -95,6 +95,12 @@ class Hyperparameters:
     gate_window: int = _f(12, "model")  # the first GATE_WINDOW input dims feed the smear and sparse attention gates
     sparse_attn_gate_enabled: bool = _f(False, "model")  # head h's output *= sigmoid(SCALE * G_h . n[:GATE_WINDOW])
     sparse_attn_gate_scale: float = _f(1.0, "model")  # the record's code default; the record runs 0.5
+    # Depth recurrence (§3.2): once on, layers LOOP_START..LOOP_END run NUM_LOOPS extra times with shared weights.
+    num_loops: int = _f(0, "model")  # 0 = off
+    loop_start: int = _f(3, "model")  # first and last physical layer of the looped block (read when NUM_LOOPS > 0)
+    loop_end: int = _f(5, "model")
+    enable_looping_at: float = _f(0.35, "train")  # training fraction (wallclock, else steps) where looping starts
+    parallel_start_layer: int = _f(0, "model")  # decoder layers >= this run as two residual lanes (§3.7); 0 = off
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
@@ -166,6 +172,7 @@ class Hyperparameters:
                      f"must be in [1, MODEL_DIM={self.model_dim}] when a gate is on")
         from shared.spec import mlp_hidden  # here, not at the top: shared.spec imports this module
         mlp_hidden(self)  # MLP_MULT * MODEL_DIM must be a whole number
+        self._validate_loops_and_lanes()
         _require(self.num_heads % self.num_kv_heads == 0, "num_heads", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         slot = MICRO_BATCHES_PER_STEP * self.train_seq_len
         _require(self.train_batch_tokens % slot == 0, "train_batch_tokens",
@@ -183,6 +190,26 @@ class Hyperparameters:
                  f"{self.run_id!r} is not a usable file name in logs/: no '/', no NUL, not starting with '.'")
         _require(self.artifact_path == "" or not self.artifact_path.endswith(("/", os.sep)), "artifact_path",
                  f"{self.artifact_path!r} names a folder, not a file")
+
+    def _validate_loops_and_lanes(self) -> None:
+        from shared.spec import layer_schedule  # here, not at the top: shared.spec imports this module
+
+        _require(self.num_loops >= 0, "num_loops", "must be >= 0 (0 = off)")
+        if self.num_loops > 0:
+            _require(0 <= self.loop_start <= self.loop_end < self.num_layers, "loop_start",
+                     f"and LOOP_END must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers} "
+                     f"(got {self.loop_start}, {self.loop_end})")
+        _require(0.0 <= self.enable_looping_at <= 1.0, "enable_looping_at", "must be in [0, 1]")
+        p = self.parallel_start_layer
+        _require(0 <= p < self.num_layers, "parallel_start_layer", f"must be in [0, NUM_LAYERS={self.num_layers}) "
+                 f"(0 = off)")
+        for looping in (False, True) if p > 0 else ():
+            # lanes, once split, never merge back into one stream: layers >= p must end the decoder
+            encoder, decoder = layer_schedule(self, looping)
+            first = next(j for j, i in enumerate(decoder + [p]) if i >= p)
+            _require(all(i < p for i in encoder) and all(i >= p for i in decoder[first:]), "parallel_start_layer",
+                     f"must leave layers >= {p} only at the end of the decoder (lanes never merge back), "
+                     f"but the {'looped' if looping else 'unlooped'} schedule is {encoder} | {decoder}")
 
     def resolved_artifact_path(self) -> str:
         return self.artifact_path or f"artifacts/{self.run_id}.int8.zst"

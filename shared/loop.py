@@ -26,7 +26,8 @@ from shared.config import Hyperparameters, artifact_config_for_env, near_misses,
 from shared.data import TokenLoader, train_pattern
 from shared.manifest import check_tokenizer
 from shared.runlog import RunLog, log_final, step_line, val_line
-from shared.schedule import lr_multiplier, muon_momentum, should_checkpoint, should_log_train, should_validate
+from shared.schedule import (looping_active, lr_multiplier, muon_momentum, should_checkpoint, should_log_train,
+                             should_validate)
 from shared.spec import count_params, estimate_memory_bytes, init_params
 
 
@@ -45,7 +46,9 @@ class Backend(Protocol):
     def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr_scale: float,
                    momentum: float) -> float: ...  # collective; the global mean loss
     def evaluate(self, data: bpb.EvalData, log: Callable | None) -> bpb.BpbAccumulator: ...  # collective
+    def set_looping(self, on: bool) -> None: ...  # depth recurrence on/off for the next steps and scores (§3.2)
     def any_rank(self, flag: bool) -> bool: ...  # collective OR
+    def max_over_ranks(self, value: float) -> float: ...  # collective MAX
     def broadcast_text(self, text: str) -> str: ...  # collective: rank 0's value
     def sync(self) -> None: ...
     def memory_bytes(self) -> int | None: ...  # what the device offers, None if unknown
@@ -151,7 +154,7 @@ def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog,
     train_ms counts only training: validation and checkpoint writes are excluded.
     """
     stop_after = st.step if over_cap(be, cfg, st.train_ms) else None  # resumed at the cap: no extra step
-    last_ckpt = None
+    last_ckpt, was_looping = None, False
     be.sync()
     t0 = time.perf_counter()
     while True:
@@ -159,6 +162,7 @@ def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog,
         if should_validate(cfg, st.step, last):
             be.sync()
             st.train_ms += 1000.0 * (time.perf_counter() - t0)
+            be.set_looping(cfg.num_loops > 0)  # every score runs looped, also mid-training
             acc = be.evaluate(data, None)
             log(val_line(st.step, cfg.iterations, acc.val_loss, acc.val_bpb, st.train_ms))
             be.sync()
@@ -167,7 +171,12 @@ def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog,
             if stop_after is not None and st.step < cfg.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{st.train_ms:.0f}ms step:{st.step}/{cfg.iterations}")
             return
-        loss = one_step(be, st, cfg, lr_multiplier(cfg, st.step, st.train_ms + 1000.0 * (time.perf_counter() - t0)))
+        lr_scale, looping = step_schedules(be, cfg, st.step, st.train_ms + 1000.0 * (time.perf_counter() - t0))
+        if looping != was_looping:
+            log(f"looping:{'on' if looping else 'off'} step:{st.step}")
+            was_looping = looping
+        be.set_looping(looping)
+        loss = one_step(be, st, cfg, lr_scale)
         if not math.isfinite(loss):
             raise FloatingPointError(f"train_loss is {loss} at step {st.step}; stopping. Last good checkpoint: "
                                      f"{last_ckpt or 'none written (CHECKPOINT_EVERY=0 or none due yet)'}")
@@ -182,6 +191,17 @@ def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog,
             now_ms = st.train_ms
         if stop_after is None and over_cap(be, cfg, now_ms):
             stop_after = st.step
+
+
+def step_schedules(be: Backend, cfg: Hyperparameters, step: int, elapsed_ms: float) -> tuple[float, bool]:
+    """This step's learning-rate multiplier and looping state, from one elapsed time every rank agrees on.
+
+    Each rank's own clock would give ranks different learning rates in a timed warmdown and, at the loop
+    switch, different graphs. Untimed schedules (no wallclock cap) read only the step: no collective then.
+    """
+    if cfg.max_wallclock_seconds > 0:
+        elapsed_ms = be.max_over_ranks(elapsed_ms)
+    return lr_multiplier(cfg, step, elapsed_ms), looping_active(cfg, step, elapsed_ms)
 
 
 def one_step(be: Backend, st: TrainState, cfg: Hyperparameters, lr_scale: float) -> float:
@@ -203,12 +223,14 @@ def over_cap(be: Backend, cfg: Hyperparameters, train_ms: float) -> bool:
 def prime(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog) -> None:
     """WARMUP_STEPS real steps to warm compile and caches, then every bit of state put back.
 
-    Runs on a resumed run too, so compile time never lands inside the timed training.
+    Runs on a resumed run too, so compile time never lands inside the timed training; with NUM_LOOPS > 0
+    the second half runs looped, so both graphs (looping off and on) are compiled here.
     """
     if cfg.warmup_steps <= 0:
         return
     weights, slots, position, step = be.weights(), be.optimizer_slots(), st.loader.stream.state(), st.step
     for i in range(cfg.warmup_steps):
+        be.set_looping(cfg.num_loops > 0 and i >= (cfg.warmup_steps + 1) // 2)
         one_step(be, st, cfg, 1.0)
         log(f"warmup_step:{i + 1}/{cfg.warmup_steps}")
     be.load_weights(weights)
@@ -263,6 +285,7 @@ def score_artifact(be: Backend, path: str, cfg: Hyperparameters, data: bpb.EvalD
     """Reload the artifact from disk (unless given its state), build a fresh model, evaluate, print the final lines."""
     state = artifact.load_artifact(path)[0] if state is None else state
     be.build(cfg, state, train=False, bos_id=data.bos_id)
+    be.set_looping(cfg.num_loops > 0)  # the score runs looped (§3.2)
     t0 = time.perf_counter()
     acc = be.evaluate(data, log)
     log_final(log, acc, path, shipped_file, 1000.0 * (time.perf_counter() - t0))

@@ -25,6 +25,22 @@ def lr_multiplier(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
+def training_fraction(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """How far training is: elapsed / cap under a wallclock cap (the record's frac, §5.5), else step / ITERATIONS.
+
+    elapsed_ms must be the value every rank agreed on (shared/loop.py takes the max over ranks)."""
+    if cfg.max_wallclock_seconds > 0:
+        return elapsed_ms / (1000.0 * cfg.max_wallclock_seconds)
+    return step / cfg.iterations
+
+
+def looping_active(cfg: Hyperparameters, step: int, elapsed_ms: float) -> bool:
+    """Depth recurrence runs from the first step whose training fraction reaches ENABLE_LOOPING_AT (§3.2).
+
+    A resumed run gets the same answer from its checkpoint's (step, train_ms): nothing more is stored."""
+    return cfg.num_loops > 0 and training_fraction(cfg, step, elapsed_ms) >= cfg.enable_looping_at
+
+
 def muon_momentum(cfg: Hyperparameters, step: int) -> float:
     """Momentum warm-up MUON_MOMENTUM_WARMUP_START -> MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
     steps = cfg.muon_momentum_warmup_steps

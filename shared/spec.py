@@ -10,6 +10,7 @@ A model feature adds its rows in one function below; nothing else lists
 parameter names.
 
     rows = param_table(cfg)           # in init draw order
+    plan = layer_plan(cfg, looping)   # which layer each application runs, and its U-Net skip slot
     state = init_params(cfg)          # name -> float32 array
     optimizer_group(name, cfg)        # 'tok' | 'head' | 'matrix' | 'scalar'; unknown name -> ValueError
 """
@@ -48,10 +49,41 @@ class Param:
         assert self.init in INIT_RULES and self.group in GROUP_OPTIMIZER and self.store in STORE_KINDS, self
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """One forward's walk over the physical layers: encoder applications push their output on the U-Net
+    stack; decoder application j pops the most recent one with skip slot skip_slots[j] (None: no skip)."""
+    encoder: tuple[int, ...]
+    decoder: tuple[int, ...]
+    skip_slots: tuple[int | None, ...]
+
+
+def layer_schedule(cfg: Hyperparameters, looping: bool) -> tuple[list[int], list[int]]:
+    """(encoder, decoder) physical layer indices, the sequence split at half its length.
+
+    Unlooped: 0..L-1. Looped (NUM_LOOPS > 0, RECORD_STACK.md §3.2): LOOP_START..LOOP_END run NUM_LOOPS+1 times,
+    e.g. L=11, 3..5, 2 loops: [0,1,2,3,4,5,3,4] | [5,3,4,5,6,7,8,9,10]."""
+    order = list(range(cfg.num_layers))
+    if looping and cfg.num_loops > 0:
+        start, end = cfg.loop_start, cfg.loop_end
+        order = order[:start] + order[start:end + 1] * (cfg.num_loops + 1) + order[end + 1:]
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
 def num_skip_weights(cfg: Hyperparameters) -> int:
-    """U-Net skips: the first num_layers//2 blocks push, the rest pop."""
-    encoder = cfg.num_layers // 2
-    return min(encoder, cfg.num_layers - encoder)
+    """U-Net skip slots: as many as the longer (looped, when NUM_LOOPS > 0) schedule pairs; the unlooped
+    schedule uses the first num_layers//2 of them."""
+    encoder, decoder = layer_schedule(cfg, looping=True)
+    return min(len(encoder), len(decoder))
+
+
+def layer_plan(cfg: Hyperparameters, looping: bool) -> LayerPlan:
+    """The schedule plus its skip pairing (§3.6): decoder application j pops with slot j while the stack holds
+    outputs, so the same slot joins different layer pairs before and after the loop switch."""
+    encoder, decoder = layer_schedule(cfg, looping)
+    pops = min(len(encoder), num_skip_weights(cfg))
+    return LayerPlan(tuple(encoder), tuple(decoder), tuple(j if j < pops else None for j in range(len(decoder))))
 
 
 def mlp_hidden(cfg: Hyperparameters) -> int:
@@ -94,6 +126,16 @@ def _attn_gate_rows(cfg: Hyperparameters, i: int) -> list[Param]:
     return [Param(f"blocks.{i}.attn.attn_gate_w", (cfg.num_heads, cfg.gate_window), "zeros", "scalar", "control")]
 
 
+def _lane_rows(cfg: Hyperparameters) -> list[Param]:
+    """PARALLEL_START_LAYER (RECORD_STACK.md §3.7): one row per lane layer, row k = layer PARALLEL_START_LAYER + k.
+    The record stores a row for every layer and reads only these; the 48 never-read scalars are dropped."""
+    if cfg.parallel_start_layer <= 0:
+        return []
+    n = cfg.num_layers - cfg.parallel_start_layer
+    return [Param("parallel_post_lambdas", (n, 2, 2), "ones", "scalar", "control"),  # [k, sublayer a/m, lane]
+            Param("parallel_resid_lambdas", (n, 2), "const", "scalar", "control", 1.1)]  # [k, lane]
+
+
 def _block_rows(cfg: Hyperparameters, i: int) -> list[Param]:
     d, kv, hidden, p = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, mlp_hidden(cfg), f"blocks.{i}."
     init = "orthogonal" if cfg.ortho_init else "linear_uniform"  # input projections; outputs start at zero
@@ -119,7 +161,7 @@ def _head_rows(cfg: Hyperparameters) -> list[Param]:
 
 def param_table(cfg: Hyperparameters) -> list[Param]:
     """Every parameter, in the order init draws them (the order is part of the init)."""
-    rows = _embedding_rows(cfg) + _smear_rows(cfg) + _skip_rows(cfg)
+    rows = _embedding_rows(cfg) + _smear_rows(cfg) + _skip_rows(cfg) + _lane_rows(cfg)  # zero/const rows draw nothing
     for i in range(cfg.num_layers):
         rows += _block_rows(cfg, i) + _attn_gate_rows(cfg, i)
     return rows + _head_rows(cfg)
@@ -207,9 +249,11 @@ def orthogonal(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 def estimate_memory_bytes(cfg: Hyperparameters, tokens_in_flight: int) -> int:
     """A lower bound of training memory, to refuse absurd sizes before an allocator does: fp32 weights,
     grads and optimizer state (16 bytes a parameter) plus activations kept for backward, counted low:
-    ~8*D + 2*hidden floats a token a layer and three vocab-sized fp32 rows for the logits."""
+    ~8*D + 2*hidden floats a token a layer application (looped layers count each time) and three vocab-sized
+    fp32 rows for the logits."""
     n_params = count_params(cfg)
-    per_token = cfg.num_layers * (8 * cfg.model_dim + 2 * mlp_hidden(cfg)) + 3 * cfg.vocab_size
+    applications = sum(len(part) for part in layer_schedule(cfg, looping=True))
+    per_token = applications * (8 * cfg.model_dim + 2 * mlp_hidden(cfg)) + 3 * cfg.vocab_size
     return 16 * n_params + 4 * per_token * tokens_in_flight
 
 

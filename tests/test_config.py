@@ -62,6 +62,17 @@ def test_env_names_override_and_preset_keeps_official_names():
     ({"XSA_LAST_N": "3", "NUM_LAYERS": "2"}, "XSA_LAST_N"),
     ({"XSA_LAST_N": "1.5"}, "XSA_LAST_N"),
     ({"SKIP_GATES_ENABLED": "2"}, "SKIP_GATES_ENABLED"),
+    ({"NUM_LOOPS": "-1"}, "NUM_LOOPS"),
+    ({"NUM_LOOPS": "2", "LOOP_END": "9"}, "LOOP_START and LOOP_END"),  # = NUM_LAYERS
+    ({"NUM_LOOPS": "2", "LOOP_START": "6", "LOOP_END": "5"}, "LOOP_START and LOOP_END"),
+    ({"NUM_LOOPS": "2", "LOOP_START": "-1"}, "LOOP_START and LOOP_END"),
+    ({"ENABLE_LOOPING_AT": "1.01"}, "ENABLE_LOOPING_AT"),
+    ({"ENABLE_LOOPING_AT": "-0.1"}, "ENABLE_LOOPING_AT"),
+    ({"PARALLEL_START_LAYER": "9"}, "PARALLEL_START_LAYER"),  # no layer >= 9 in 9 layers
+    ({"PARALLEL_START_LAYER": "-1"}, "PARALLEL_START_LAYER"),
+    ({"PARALLEL_START_LAYER": "3"}, "PARALLEL_START_LAYER"),  # layer 3 is in the encoder [0..3]
+    # looped [0,1,2,3,4,5,3,4,5] | [3,4,5,6,7,8, ...]: layer 4 runs, then 3 again, inside the lanes
+    ({"PARALLEL_START_LAYER": "4", "NUM_LOOPS": "2"}, "PARALLEL_START_LAYER.*looped schedule"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
@@ -74,6 +85,8 @@ def test_bad_values_name_the_variable(env, name):
     {"MLP_MULT": "1.5"}, {"MLP_MULT": "4"}, {"MLP_ACT": "leaky_relu2"}, {"ROPE_DIMS": "16"}, {"ROPE_DIMS": "64"},
     {"LN_SCALE": "1"},
     {"XSA_LAST_N": "9"}, {"XSA_LAST_N": "1"}, {"SKIP_GATES_ENABLED": "1"},
+    {"NUM_LOOPS": "1"}, {"ENABLE_LOOPING_AT": "0"}, {"ENABLE_LOOPING_AT": "1"}, {"PARALLEL_START_LAYER": "8"},
+    {"PARALLEL_START_LAYER": "4"}, {"LOOP_END": "99"},  # LOOP_* are read only when NUM_LOOPS > 0
 ])
 def test_edge_values_that_are_allowed(env):
     cfg = Hyperparameters.from_env(env)
@@ -103,6 +116,17 @@ def test_record_knob_defaults_are_the_baseline_network():
     assert (cfg.mlp_mult, cfg.mlp_act, cfg.mlp_leaky_slope, cfg.rope_dims, cfg.ln_scale) == (2.0, "relu2", 0.5, 0,
                                                                                              False)
     assert (cfg.xsa_last_n, cfg.skip_gates_enabled) == (0, False)
+    assert (cfg.num_loops, cfg.parallel_start_layer) == (0, 0)  # off; LOOP_START/END/ENABLE_LOOPING_AT as the record
+    assert (cfg.loop_start, cfg.loop_end, cfg.enable_looping_at) == (3, 5, 0.35)
+
+
+def test_the_record_loop_and_lane_layout_is_valid():
+    record = {"NUM_LAYERS": "11", "NUM_LOOPS": "2", "PARALLEL_START_LAYER": "8"}
+    assert (Hyperparameters.from_env(record).loop_start, Hyperparameters.from_env(record).loop_end) == (3, 5)
+    # the looped decoder is [5,3,4,5,6,...]: lanes from layer 6 on end it, lanes from 5 would meet 3 again
+    assert Hyperparameters.from_env(dict(record, PARALLEL_START_LAYER="6")).parallel_start_layer == 6
+    with pytest.raises(ValueError, match="PARALLEL_START_LAYER .*looped schedule"):
+        Hyperparameters.from_env(dict(record, PARALLEL_START_LAYER="5"))
 
 
 def test_parsing_happens_only_on_request():
@@ -128,10 +152,11 @@ def test_architecture_knobs_are_model_fields():
     model = set(fields_with_role("model"))
     assert {"vocab_size", "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult", "tie_embeddings",
             "rope_base", "logit_softcap", "mlp_act", "mlp_leaky_slope", "rope_dims", "ln_scale", "xsa_last_n",
-            "skip_gates_enabled"} <= model
+            "skip_gates_enabled", "num_loops", "loop_start", "loop_end", "parallel_start_layer"} <= model
     # the optimizer and the run length are not part of what an artifact is valid under
     assert not {"matrix_lr", "seed", "iterations", "val_batch_size", "compute_dtype"} & model
-    assert {"matrix_lr", "seed", "warmdown_iters", "train_seq_len"} <= set(fields_with_role("train"))
+    assert {"matrix_lr", "seed", "warmdown_iters", "train_seq_len", "enable_looping_at"} <= set(
+        fields_with_role("train"))
 
 
 @pytest.mark.parametrize("name,raw,attr,value", [

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from shared.config import Hyperparameters
-from shared.schedule import lr_multiplier, muon_momentum, should_checkpoint, should_log_train, should_validate
+from shared.schedule import (looping_active, lr_multiplier, muon_momentum, should_checkpoint, should_log_train,
+                             should_validate, training_fraction)
 
 BASE = Hyperparameters()
 
@@ -150,3 +151,25 @@ def test_checkpoint_cadence():
     assert [s for s in range(1, 201) if should_checkpoint(cfg, s)] == [50, 100, 150, 200]
     off = _cfg(checkpoint_every=0)
     assert not any(should_checkpoint(off, s) for s in range(0, 201))
+
+
+def test_training_fraction_is_wallclock_under_a_cap_else_steps():
+    capped = _cfg(iterations=20_000, max_wallclock_seconds=600.0)
+    assert training_fraction(capped, 7, 210_000.0) == pytest.approx(0.35)  # the step count does not matter
+    assert training_fraction(capped, 19_000, 0.0) == 0.0
+    uncapped = _cfg(iterations=200, max_wallclock_seconds=0.0)
+    assert training_fraction(uncapped, 70, 1e9) == pytest.approx(0.35)  # the clock does not matter
+
+
+def test_looping_switches_on_at_the_first_step_reaching_the_fraction():
+    # the record: ENABLE_LOOPING_AT=0.35 of a 600 s cap, i.e. from 210,000 ms on (RECORD_STACK.md §5.5)
+    cfg = _cfg(num_loops=2, enable_looping_at=0.35, iterations=20_000, max_wallclock_seconds=600.0)
+    assert not looping_active(cfg, 2177, 209_999.9)
+    assert looping_active(cfg, 2178, 210_000.0) and looping_active(cfg, 4900, 599_000.0)
+    # by steps without a cap: steps 0..6 of 20 off (6/20 = 0.3), 7.. on (7/20 = 0.35)
+    steps = _cfg(num_loops=1, enable_looping_at=0.35, iterations=20, max_wallclock_seconds=0.0)
+    assert [looping_active(steps, s, 0.0) for s in range(20)] == [False] * 7 + [True] * 13
+    # ENABLE_LOOPING_AT=0 loops from the first step, =1 only once training is over; NUM_LOOPS=0 never loops
+    assert looping_active(dataclasses.replace(steps, enable_looping_at=0.0), 0, 0.0)
+    assert not any(looping_active(dataclasses.replace(steps, enable_looping_at=1.0), s, 0.0) for s in range(20))
+    assert not any(looping_active(dataclasses.replace(steps, num_loops=0), s, 0.0) for s in range(20))

@@ -6,7 +6,8 @@ import pytest
 
 from shared.config import Hyperparameters
 from shared.spec import (GROUP_OPTIMIZER, INIT_RULES, STORE_KINDS, estimate_memory_bytes, groups_of, init_params,
-                         mlp_hidden, optimizer_group, param_table, param_shapes)
+                         layer_plan, layer_schedule, mlp_hidden, num_skip_weights, optimizer_group, param_table,
+                         param_shapes)
 
 BASELINE = Hyperparameters()
 TINY = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "128", "TRAIN_SEQ_LEN": "32",
@@ -133,6 +134,9 @@ def test_memory_estimate_grows_and_refuses_absurd_sizes():
     assert estimate_memory_bytes(BASELINE, 65_536) > base
     assert estimate_memory_bytes(dataclasses.replace(BASELINE, num_layers=18), 0) > base
     assert estimate_memory_bytes(dataclasses.replace(BASELINE, model_dim=1024), 0) > base
+    looped = dataclasses.replace(BASELINE, num_loops=2)  # layers 3..5 run three times: more activations a token
+    assert (estimate_memory_bytes(looped, 4096) - estimate_memory_bytes(looped, 0)
+            > estimate_memory_bytes(BASELINE, 4096) - base)
     assert base < 4 * GiB  # the baseline must not be refused on a 24 GiB card
     absurd = dataclasses.replace(BASELINE, model_dim=65_536, num_layers=64)
     # c_q and attn.proj alone are 2 * 65536^2 parameters a layer: 64 * 2 * 2^32 * 16 bytes = 8 TiB.
@@ -171,3 +175,60 @@ def test_ortho_init_draws_input_projections_orthogonal_and_keeps_outputs_zero():
             assert not state[f"blocks.{i}.{name}"].any(), name
     assert np.array_equal(state["tok_emb.weight"], plain["tok_emb.weight"])  # drawn first, unchanged
     assert np.array_equal(init_params(cfg)["blocks.1.mlp.fc.weight"], state["blocks.1.mlp.fc.weight"])  # seeded
+
+
+# The record's layout (RECORD_STACK.md §2, §3.2, §3.6, §3.7): 11 layers, 3..5 looped twice more, lanes from 8.
+RECORD = dataclasses.replace(BASELINE, num_layers=11, vocab_size=8192, mlp_mult=4.0, skip_gates_enabled=True,
+                             num_loops=2, loop_start=3, loop_end=5, parallel_start_layer=8, smear_gate_enabled=True,
+                             sparse_attn_gate_enabled=True, gate_window=12)
+
+
+def _skip_pairs(cfg: Hyperparameters, looping: bool) -> list[tuple[int, int | None, int | None]]:
+    """(decoder layer, encoder layer whose output it receives, slot), by running the plan's push/pop stack."""
+    plan = layer_plan(cfg, looping)
+    stack, pairs = list(plan.encoder), []
+    for layer, slot in zip(plan.decoder, plan.skip_slots):
+        pairs.append((layer, None, None) if slot is None else (layer, stack.pop(), slot))
+    return pairs
+
+
+def test_record_layer_schedule_by_hand():
+    assert layer_schedule(RECORD, looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert layer_schedule(RECORD, looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert num_skip_weights(RECORD) == 8 and num_skip_weights(BASELINE) == 4
+    # NUM_LOOPS=0: the looped schedule is the plain one, whatever LOOP_START/LOOP_END say
+    assert layer_schedule(BASELINE, True) == layer_schedule(BASELINE, False) == ([0, 1, 2, 3], [4, 5, 6, 7, 8])
+
+
+def test_record_skip_pairing_by_hand():
+    # looping off: decoder layers 5..9 receive encoder layers 4..0 through slots 0..4; layer 10 gets none
+    assert _skip_pairs(RECORD, False) == [(5, 4, 0), (6, 3, 1), (7, 2, 2), (8, 1, 3), (9, 0, 4), (10, None, None)]
+    # looping on: decoder [5,3,4,5,6,7,8,9] receive encoder positions 7..0 = layers [4,3,5,4,3,2,1,0], slots 0..7
+    assert _skip_pairs(RECORD, True) == [(5, 4, 0), (3, 3, 1), (4, 5, 2), (5, 4, 3), (6, 3, 4), (7, 2, 5),
+                                         (8, 1, 6), (9, 0, 7), (10, None, None)]
+    # the baseline (no loops): today's pairing, 4 skips for 5 decoder layers
+    assert _skip_pairs(BASELINE, True) == [(4, 3, 0), (5, 2, 1), (6, 1, 2), (7, 0, 3), (8, None, None)]
+
+
+def test_lane_rows_exist_only_for_lane_layers_and_leave_the_init_alone():
+    rows = {p.name: p for p in param_table(RECORD)}
+    post, resid = rows["parallel_post_lambdas"], rows["parallel_resid_lambdas"]
+    assert (post.shape, post.init, post.group, post.store) == ((3, 2, 2), "ones", "scalar", "control")
+    assert (resid.shape, resid.init, resid.value, resid.group, resid.store) == ((3, 2), "const", 1.1,
+                                                                                "scalar", "control")
+    assert not any(name.startswith("parallel_") for name in param_shapes(BASELINE))
+    tiny_lanes = dataclasses.replace(TINY, num_layers=4, parallel_start_layer=2, num_loops=1, loop_start=1,
+                                     loop_end=2)
+    plain, w = init_params(dataclasses.replace(tiny_lanes, parallel_start_layer=0)), init_params(tiny_lanes)
+    assert np.all(w.pop("parallel_post_lambdas") == 1.0)
+    assert np.all(w.pop("parallel_resid_lambdas") == np.float32(1.1))
+    assert w.keys() == plain.keys() and all(np.array_equal(w[k], plain[k]) for k in plain)  # nothing drawn
+
+
+def test_record_parameter_count_is_the_records_less_the_never_read_lane_rows():
+    # The record has 35,945,671 parameters (RECORD_STACK.md §0) and stores a lane row for all 11 layers,
+    # reading only layers 8..10: we drop the other 8 rows, 8 * (2*2 + 2) = 48 scalars.
+    names = {p.name: int(np.prod(p.shape)) for p in param_table(RECORD)}
+    assert sum(names.values()) == 35_945_671 - 48 == 35_945_623
+    assert names["parallel_post_lambdas"] + names["parallel_resid_lambdas"] == 3 * 6
+    assert names["smear_gate.weight"] + names["smear_lambda"] == 13 and names["blocks.10.attn.attn_gate_w"] == 96
