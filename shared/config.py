@@ -268,6 +268,30 @@ PRESETS: dict[str, dict[str, Any]] = {
                  warmup_steps=5, val_loss_every=100, train_log_every=25, max_wallclock_seconds=0.0,
                  muon_momentum_warmup_steps=100, mlx_max_microbatch_tokens=1024),
 }
+# The 1.0611 record's network (RECORD_STACK.md §2, §3, §8), every model knob at its logged value, on the SP8192
+# export. Its optimizer and quantization values come with those features, not here.
+RECORD_MODEL: dict[str, Any] = dict(
+    vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
+    mlp_act="leaky_relu2", mlp_leaky_slope=0.5, rope_dims=16, rope_base=10000.0, ln_scale=True, xsa_last_n=11,
+    qk_gain_init=5.0, logit_softcap=30.0, tie_embeddings=True, tied_embed_init_std=0.005, skip_gates_enabled=True,
+    smear_gate_enabled=True, gate_window=12, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+    num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, parallel_start_layer=8, ortho_init=True)
+PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8192",
+                         tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+                         train_seq_len=2048, train_batch_tokens=786_432, val_batch_size=524_288)
+# The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
+# read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
+# (README "PRESET=mac" gives the arithmetic). Sequence 1024 and 32K-token steps keep the step count useful.
+PRESETS["mac"] = dict(RECORD_MODEL, model_dim=256, num_heads=4, num_kv_heads=2,
+                      data_path="./data/datasets/fineweb10B_sp8192",
+                      tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+                      train_seq_len=1024, train_batch_tokens=32_768, val_batch_size=131_072,
+                      warmup_steps=10, train_log_every=25, val_loss_every=0, mlx_max_microbatch_tokens=8192)
+# CI size with every record feature on, on the demo data: 6 layers of width 64 (head dim 16, RoPE on 8 of it),
+# layers 2..3 looped twice more (10 applications: [0,1,2,3,2] | [3,2,3,4,5]), lanes on layers 4..5.
+PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
+    RECORD_MODEL, vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+    xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4))
 
 
 def preset(name: str) -> Hyperparameters:

@@ -215,3 +215,23 @@ def test_an_mlx_chunk_size_does_not_constrain_the_sequence_length():
     TRAIN_SEQ_LEN=3072 must not be refused because 8192 is not a multiple of it."""
     cfg = Hyperparameters.from_env({"TRAIN_SEQ_LEN": "3072", "TRAIN_BATCH_TOKENS": str(3072 * 8 * 4)})
     assert cfg.train_seq_len == 3072 and cfg.mlx_max_microbatch_tokens == 8192
+
+
+def test_record_preset_prints_the_records_parameter_count():
+    from shared.spec import count_params
+    # 35,945,671 in the record's log, less the 48 lane scalars it stores for layers 0..7 and never reads
+    assert count_params(Hyperparameters.from_env({"PRESET": "record"})) == 35_945_623
+
+
+@pytest.mark.parametrize("name", ["record", "tiny_record", "mac"])
+def test_record_presets_turn_every_feature_on(name):
+    """Every model/init knob that is off in the baseline (False or 0) is on in the record-class presets, so a new
+    feature cannot be forgotten in them; and they share the record's values for every non-size knob."""
+    from shared.config import RECORD_MODEL, fields_with_role
+    cfg, base = Hyperparameters.from_env({"PRESET": name}), Hyperparameters()
+    off = [f for f in fields_with_role("model") + ("ortho_init",) if not getattr(base, f)]
+    assert off and [f for f in off if not getattr(cfg, f)] == []
+    sizes = {"vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "rope_dims", "xsa_last_n",
+             "loop_start", "loop_end", "parallel_start_layer"}
+    assert {k: getattr(cfg, k) for k in RECORD_MODEL if k not in sizes} == \
+        {k: v for k, v in RECORD_MODEL.items() if k not in sizes}
