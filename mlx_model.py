@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
+from shared.segments import cu_seqlens  # noqa: E402
 from shared.spec import init_params, mlp_hidden, num_skip_weights  # noqa: E402
 
 # ---- numerics, written out (torch_model.py uses the same) ----
@@ -89,6 +90,24 @@ def exclusive_self_attention(y: mx.array, v: mx.array) -> mx.array:
     return y.reshape(bsz, heads, seqlen, head_dim)
 
 
+def segment_mask(segments: mx.array) -> mx.array:
+    """(B, 1, T, T) bool from (B, T) segment ids: i attends to j iff j <= i and seg(i) == seg(j) (§4)."""
+    seqlen = segments.shape[1]
+    causal = mx.tril(mx.ones((seqlen, seqlen), dtype=mx.bool_))
+    return (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+
+
+def segment_ranges(segments: mx.array) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row, the (start, end) of each segment, from shared/segments.py's cu_seqlens (read on the host:
+    eager mode only)."""
+    seqlen = segments.shape[1]
+    cu = cu_seqlens(np.array(segments)).tolist()
+    rows = [[] for _ in range(segments.shape[0])]
+    for a, b in zip(cu[:-1], cu[1:]):
+        rows[a // seqlen].append((a % seqlen, a % seqlen + b - a))
+    return tuple(tuple(row) for row in rows)
+
+
 def gated_skip(x: mx.array, skip: mx.array, gate: mx.array) -> mx.array:
     """SKIP_GATES_ENABLED (RECORD_STACK.md §3.6): g = sigmoid(gate); g * x + (1 - g) * skip,
     the record's torch.lerp(skip, x, g). Zero-init gates: an even mix."""
@@ -113,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(rope_dims or self._head_dim, rope_base)  # ROPE_DIMS=0: every dim
         self._scale = self._head_dim ** -0.5  # explicit attention scale
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, doc: mx.array | tuple | None = None) -> mx.array:
         bsz, seqlen, dim = x.shape
         q = self.c_q(x).reshape(bsz, seqlen, self._num_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
         k = self.c_k(x).reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
@@ -125,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain[None, :, None, None]
         y = self._ops.attention(q.astype(self._dtype), k.astype(self._dtype), v.astype(self._dtype),
-                                self._scale)  # causal, GQA
+                                self._scale, doc)  # causal, GQA
         if self._xsa:
             y = exclusive_self_attention(y, v)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, seqlen, dim)
@@ -164,10 +183,10 @@ class Block(nn.Module):
         self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
 
-    def __call__(self, x: mx.array, x0: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, x0: mx.array, doc: mx.array | tuple | None = None) -> mx.array:
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
-        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x))
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc)
         x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
 
@@ -192,13 +211,16 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: mx.array) -> mx.array:
+    def logits(self, input_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+        """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
+        RoPE positions stay the index within the row either way (RECORD_STACK.md §4)."""
+        doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         x = rms_norm(x)
         x0 = x
         skips = []
         for i in range(self._num_encoder_layers):
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, doc)
             skips.append(x)
         for i in range(self._num_decoder_layers):
             if skips:
@@ -207,18 +229,24 @@ class GPT(nn.Module):
                     x = gated_skip(x, skip, self.skip_gates[i][None, None, :])
                 else:
                     x = x + skip
-            x = self.blocks[self._num_encoder_layers + i](x, x0)
+            x = self.blocks[self._num_encoder_layers + i](x, x0, doc)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self._tie_embeddings else self.lm_head.weight
         z = (x.astype(self._dtype) @ w.astype(self._dtype).T).astype(mx.float32)  # (B, T, V), softcap/loss in fp32
         return self._logit_softcap * self._ops.tanh(z / self._logit_softcap)
 
-    def token_nll(self, input_ids: mx.array, target_ids: mx.array) -> mx.array:
-        logits = self.logits(input_ids)
+    def doc_attention(self, segments: mx.array) -> mx.array | tuple:
+        """What every layer's attention needs for DOC_ISOLATED_ATTN, built once per forward."""
+        if self._ops.per_segment:
+            return segment_ranges(segments)
+        return segment_mask(segments)
+
+    def token_nll(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+        logits = self.logits(input_ids, segments)
         return self._ops.token_nll(logits, target_ids)  # (B, T) nats, fp32
 
-    def __call__(self, input_ids: mx.array, target_ids: mx.array) -> mx.array:
-        return self.token_nll(input_ids, target_ids).mean()
+    def __call__(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+        return self.token_nll(input_ids, target_ids, segments).mean()
 
 
 def build_model(cfg: Hyperparameters, state: dict[str, np.ndarray] | None = None, dtype: mx.Dtype = mx.float32,

@@ -90,6 +90,7 @@ class Hyperparameters:
     ln_scale: bool = _f(False, "model")  # block i scales its normed attn/MLP inputs by 1/sqrt(i+1)
     xsa_last_n: int = _f(0, "model")  # the last N layers remove from each head's output its own token's v direction
     skip_gates_enabled: bool = _f(False, "model")  # U-Net skips mixed by a sigmoid gate (lerp), not added
+    doc_isolated_attn: bool = _f(False, "model")  # attention stays inside each document of a row (split at BOS)
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
