@@ -108,9 +108,10 @@ def composed_tanh(u: mx.array) -> mx.array:
 
 class ComposedOps:
     """The same maths from composed_exp: for CPUs (mlx[cpu]); agrees with FusedOps to ~1e-6."""
-    # DOC_ISOLATED_ATTN: one causal call per segment, not a (T, T) mask. Measured on a 2-core CPU, T=2048,
-    # documents of mean 700 tokens (bench/doc_isolation.py --what model): 3.9 s vs 12.7 s per fwd+bwd of
-    # 4096 tokens, peak 0.3 GB vs 1.3 GB. The segments' shapes come from the data: no mx.compile.
+    # DOC_ISOLATED_ATTN: one causal call per segment, not a (T, T) mask. The segments' shapes come from the
+    # data, so the step is not mx.compile'd. Measured on a 2-core CPU (bench/doc_isolation.py --what model,
+    # PRESET=tiny dims, documents of mean 700 tokens), fwd+bwd of 4096 tokens: T=2048 1.28 s vs 3.17 s with
+    # the mask (dense causal 5.53 s), peak 0.29 vs 1.26 GB; T=1024 a tie; T=512 0.98 s vs 0.67 s.
     per_segment = True
 
     @staticmethod
@@ -135,9 +136,12 @@ class ComposedOps:
 
 
 def segmented_attention(attention, q: mx.array, k: mx.array, v: mx.array, ranges) -> mx.array:
-    """attention(q, k, v) (causal) on each segment [start, end) of each row, put back in place: (B, H, T, D)."""
-    return mx.concatenate([mx.concatenate([attention(q[r:r + 1, :, a:b], k[r:r + 1, :, a:b], v[r:r + 1, :, a:b])
-                                           for a, b in row], axis=2) for r, row in enumerate(ranges)], axis=0)
+    """attention(q, k, v) (causal) on each segment [start, end) of each row, put back in place: (B, H, T, D).
+    Cut with split, not slices: split's vjp concatenates the pieces' gradients, a slice's pads each to full size."""
+    def pieces(t: mx.array) -> list[list[mx.array]]:  # [row][segment] -> (1, H, L, D)
+        return [mx.split(tr, [a for a, _ in row[1:]], axis=2) for tr, row in zip(mx.split(t, len(ranges)), ranges)]
+    rows = [[attention(*qkv) for qkv in zip(*seg)] for seg in zip(pieces(q), pieces(k), pieces(v))]
+    return mx.concatenate([mx.concatenate(row, axis=2) for row in rows], axis=0)
 
 
 def _causal_probs(q5: mx.array, k: mx.array, mask: mx.array | None = None) -> mx.array:
