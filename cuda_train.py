@@ -24,11 +24,25 @@ from torch import nn
 from shared import bpb, loop
 from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
+from shared.segments import require_bos, segment_ids
 from shared.spec import micro_batch_tokens
-from torch_model import build_model, load_numpy_state, numpy_state
+from torch_model import build_model, doc_attention_kernel, load_numpy_state, numpy_state
 from torch_optim import Optimizers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def activate_fa3(device: torch.device) -> bool:
+    """torch 2.13 routes its flash kernels (varlen_attn included) to FlashAttention-3 once activated: that needs
+    the FA3 build (module flash_attn_interface) and a Hopper GPU (sm90). Otherwise torch's own FA2 runs."""
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from torch.nn.attention import activate_flash_attention_impl
+        activate_flash_attention_impl("FA3")
+    except (ImportError, RuntimeError, ValueError):  # not installed, or a build without the kernels
+        return False
+    return True
 
 
 class TorchBackend:
@@ -50,15 +64,21 @@ class TorchBackend:
         auto = torch.bfloat16 if cuda else torch.float32  # bf16 on a CPU is slow and not what CI checks
         self.dtype = auto if cfg.compute_dtype == "auto" else DTYPES[cfg.compute_dtype]
         self.cfg = cfg
+        if cuda and cfg.doc_isolated_attn:  # only then: the dense default keeps its kernels
+            activate_fa3(self.device)
 
     def describe(self) -> str:
         gpu = torch.cuda.get_device_name(self.device).replace(" ", "_") if self.device.type == "cuda" else "none"
-        return f"torch-{torch.__version__} device:{self.device} gpu:{gpu} world:{self.world_size} dtype:{self.dtype}"
+        doc = f" doc_attn:{doc_attention_kernel(self.device, self.dtype)}" if self.cfg.doc_isolated_attn else ""
+        return (f"torch-{torch.__version__} device:{self.device} gpu:{gpu} world:{self.world_size} "
+                f"dtype:{self.dtype}{doc}")
 
     # -- model and optimizer state --
     def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
               bos_id: int | None = None) -> None:
         self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
+        if cfg.doc_isolated_attn:
+            require_bos(bos_id)  # fail before any compute
         self.model = build_model(cfg, self.device, weights, self.dtype, bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
         self.train_model = self._wrap(self.model) if train else None
@@ -97,7 +117,7 @@ class TorchBackend:
         for i, (x, y) in enumerate(micro_batches):
             xt, yt = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (x, y))
             with self._sync_grads(i == len(micro_batches) - 1):
-                loss = self.train_model(xt, yt)
+                loss = self.train_model(xt, yt, self._segments(x))
                 (loss / len(micro_batches)).backward()
             total += loss.detach()
         self.opts.step(lr_scale, momentum)
@@ -111,11 +131,18 @@ class TorchBackend:
             return self.train_model.no_sync()
         return nullcontext()
 
+    def _segments(self, x: np.ndarray) -> torch.Tensor | None:
+        """DOC_ISOLATED_ATTN: segment ids of the rows x (shared/segments.py) on the device; None: dense causal."""
+        if not self.cfg.doc_isolated_attn:
+            return None
+        ids = segment_ids(x, require_bos(self.bos_id), self.cfg.train_seq_len)
+        return torch.from_numpy(ids).to(self.device, non_blocking=True)
+
     def evaluate(self, data: bpb.EvalData, log=None) -> bpb.BpbAccumulator:
-        def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # each window is a row: the row-start rule applies
             xt, yt = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (x, y))
             with torch.inference_mode():
-                return self.model.token_nll(xt, yt).float().cpu().numpy()
+                return self.model.token_nll(xt, yt, self._segments(x)).float().cpu().numpy()
 
         self.model.eval()
         mine = bpb.shard_windows(data.windows, self.rank, self.world_size)

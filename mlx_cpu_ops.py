@@ -49,6 +49,7 @@ from shared.config import Hyperparameters  # noqa: E402
 # ---- the three exp-heavy ops, two implementations of the same maths ----
 class FusedOps:
     """MLX's own kernels: right on Metal, where exp/tanh are fast."""
+    per_segment = False  # DOC_ISOLATED_ATTN: one masked kernel call (the mask lives on the device)
 
     @staticmethod
     def tanh(u: mx.array) -> mx.array:
@@ -59,8 +60,10 @@ class FusedOps:
         return nn.losses.cross_entropy(logits, targets, reduction="none")
 
     @staticmethod
-    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")  # GQA: k, v untiled
+    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+        """mask: None = causal; (B, 1, T, T) bool = DOC_ISOLATED_ATTN's block-causal mask (True attends)."""
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                    mask="causal" if mask is None else mask)  # GQA: k, v untiled
 
 
 # mlx[cpu]'s exp and tanh are scalar loops (~15 ns/element, measured: 15 ms for 1M floats, numpy 1.8 ms),
@@ -105,6 +108,11 @@ def composed_tanh(u: mx.array) -> mx.array:
 
 class ComposedOps:
     """The same maths from composed_exp: for CPUs (mlx[cpu]); agrees with FusedOps to ~1e-6."""
+    # DOC_ISOLATED_ATTN: one causal call per segment, not a (T, T) mask. The segments' shapes come from the
+    # data, so the step is not mx.compile'd. Measured on a 2-core CPU (bench/doc_isolation.py --what model,
+    # PRESET=tiny dims, documents of mean 700 tokens), fwd+bwd of 4096 tokens: T=2048 1.28 s vs 3.17 s with
+    # the mask (dense causal 5.53 s), peak 0.29 vs 1.26 GB; T=1024 a tie; T=512 0.98 s vs 0.67 s.
+    per_segment = True
 
     @staticmethod
     def tanh(u: mx.array) -> mx.array:
@@ -117,26 +125,49 @@ class ComposedOps:
         return lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
     @staticmethod
-    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        return composed_attention(q * scale, k, v)
+    def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, doc=None) -> mx.array:
+        """doc: None = causal; DOC_ISOLATED_ATTN as a (B, 1, T, T) bool block-causal mask (True attends) or as
+        per-row (start, end) segment ranges (mlx_model.segment_ranges): one causal call per segment."""
+        if doc is None:
+            return composed_attention(q * scale, k, v)
+        if isinstance(doc, mx.array):
+            return composed_masked_attention(q * scale, k, v, doc)
+        return segmented_attention(composed_attention, q * scale, k, v, doc)
 
 
-def _causal_probs(q5: mx.array, k: mx.array) -> mx.array:
-    """softmax(q k^T + causal mask) for q5 (B, Hkv, G, T, D), k (B, Hkv, T, D) -> (B, Hkv, G, T, T)."""
+def segmented_attention(attention, q: mx.array, k: mx.array, v: mx.array, ranges) -> mx.array:
+    """attention(q, k, v) (causal) on each segment [start, end) of each row, put back in place: (B, H, T, D).
+    Cut with split, not slices: split's vjp concatenates the pieces' gradients, a slice's pads each to full size."""
+    def pieces(t: mx.array) -> list[list[mx.array]]:  # [row][segment] -> (1, H, L, D)
+        return [mx.split(tr, [a for a, _ in row[1:]], axis=2) for tr, row in zip(mx.split(t, len(ranges)), ranges)]
+    rows = [[attention(*qkv) for qkv in zip(*seg)] for seg in zip(pieces(q), pieces(k), pieces(v))]
+    return mx.concatenate([mx.concatenate(row, axis=2) for row in rows], axis=0)
+
+
+def _causal_probs(q5: mx.array, k: mx.array, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T + causal mask) for q5 (B, Hkv, G, T, D), k (B, Hkv, T, D) -> (B, Hkv, G, T, T);
+    a (B, 1, T, T) bool mask replaces the causal one (-inf where False; the diagonal is always True)."""
     t = q5.shape[-2]
     s = q5 @ k[:, :, None].swapaxes(-1, -2)
-    s = s + mx.triu(mx.full((t, t), -mx.inf, dtype=s.dtype), k=1)
+    if mask is None:
+        s = s + mx.triu(mx.full((t, t), -mx.inf, dtype=s.dtype), k=1)
+    else:
+        s = mx.where(mask[:, :, None], s, -mx.inf)  # (B, 1, 1, T, T): every KV head and query group
     p = _exp_poly(s - mx.max(s, axis=-1, keepdims=True))
     return p / mx.sum(p, axis=-1, keepdims=True)
+
+
+def _attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    p = _causal_probs(q.reshape(b, hkv, h // hkv, t, d), k, mask)
+    return (p @ v[:, :, None]).reshape(b, h, t, d)
 
 
 @mx.custom_function
 def composed_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Causal GQA attention of pre-scaled q; each KV head serves G = H/Hkv query heads."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    p = _causal_probs(q.reshape(b, hkv, h // hkv, t, d), k)
-    return (p @ v[:, :, None]).reshape(b, h, t, d)
+    return _attend(q, k, v, None)
 
 
 @composed_attention.vjp
@@ -144,12 +175,29 @@ def _composed_attention_vjp(primals, cotangent, output):
     """Recomputes the (T, T) probabilities instead of keeping them for backward (flash-attention's trade):
     no (T, T) tensor is kept per layer (measured at the baseline shape on a 2-core CPU, 8192-token chunks on
     2 streams: peak RSS 15.2 GB -> 11.3 GB)."""
+    return _attention_grads(primals, cotangent, output, None)
+
+
+@mx.custom_function
+def composed_masked_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array) -> mx.array:
+    """composed_attention under a (B, 1, T, T) bool mask (DOC_ISOLATED_ATTN)."""
+    return _attend(q, k, v, mask)
+
+
+@composed_masked_attention.vjp
+def _composed_masked_attention_vjp(primals, cotangent, output):
+    """The same recomputation, under the same mask as the forward; the mask gets no gradient."""
+    q, k, v, mask = primals
+    return _attention_grads((q, k, v), cotangent, output, mask) + (mx.zeros_like(mask),)
+
+
+def _attention_grads(primals, cotangent, output, mask: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
     q, k, v = primals
     b, h, t, d = q.shape
     hkv = k.shape[1]
     q5 = q.reshape(b, hkv, h // hkv, t, d)
     do = cotangent.reshape(q5.shape)
-    p = _causal_probs(q5, k)
+    p = _causal_probs(q5, k, mask)
     dv = mx.sum(p.swapaxes(-1, -2) @ do, axis=2)  # (B, Hkv, T, D), summed over the G query heads
     dp = do @ v[:, :, None].swapaxes(-1, -2)
     ds = p * (dp - mx.sum(do * output.reshape(q5.shape), axis=-1, keepdims=True))  # softmax backward

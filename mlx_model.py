@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
+from shared.segments import cu_seqlens  # noqa: E402
 from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights  # noqa: E402
 
 # ---- numerics, written out (torch_model.py uses the same) ----
@@ -89,6 +90,24 @@ def exclusive_self_attention(y: mx.array, v: mx.array) -> mx.array:
     return y.reshape(bsz, heads, seqlen, head_dim)
 
 
+def segment_mask(segments: mx.array) -> mx.array:
+    """(B, 1, T, T) bool from (B, T) segment ids: i attends to j iff j <= i and seg(i) == seg(j) (§4)."""
+    seqlen = segments.shape[1]
+    causal = mx.tril(mx.ones((seqlen, seqlen), dtype=mx.bool_))
+    return (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+
+
+def segment_ranges(segments: mx.array) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row, the (start, end) of each segment, from shared/segments.py's cu_seqlens (read on the host:
+    eager mode only)."""
+    seqlen = segments.shape[1]
+    cu = cu_seqlens(np.array(segments)).tolist()
+    rows = [[] for _ in range(segments.shape[0])]
+    for a, b in zip(cu[:-1], cu[1:]):
+        rows[a // seqlen].append((a % seqlen, a % seqlen + b - a))
+    return tuple(tuple(row) for row in rows)
+
+
 def gated_skip(x: mx.array, skip: mx.array, gate: mx.array) -> mx.array:
     """SKIP_GATES_ENABLED (RECORD_STACK.md §3.6): g = sigmoid(gate); g * x + (1 - g) * skip,
     the record's torch.lerp(skip, x, g). Zero-init gates: an even mix."""
@@ -146,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         if gate_window:
             self.attn_gate_w = mx.zeros((num_heads, gate_window))
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, doc: mx.array | tuple | None = None) -> mx.array:
         bsz, seqlen, dim = x.shape
         q = self.c_q(x).reshape(bsz, seqlen, self._num_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
         k = self.c_k(x).reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
@@ -158,7 +177,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain[None, :, None, None]
         y = self._ops.attention(q.astype(self._dtype), k.astype(self._dtype), v.astype(self._dtype),
-                                self._scale)  # causal, GQA
+                                self._scale, doc)  # causal, GQA
         if self._xsa:
             y = exclusive_self_attention(y, v)
         if self._gate_window:
@@ -200,21 +219,21 @@ class Block(nn.Module):
         self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
 
-    def __call__(self, x: mx.array, x0: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, x0: mx.array, doc: mx.array | tuple | None = None) -> mx.array:
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
-        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x))
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc)
         x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
 
     def parallel(self, lane0: mx.array, lane1: mx.array, x0: mx.array, post: mx.array,
-                 resid: mx.array) -> tuple[mx.array, mx.array]:
+                 resid: mx.array, doc: mx.array | tuple | None = None) -> tuple[mx.array, mx.array]:
         """Two residual lanes (RECORD_STACK.md §3.7, from the 2026-03-31 ParallelResiduals record): attention
         reads lane 0 mixed with x0, the MLP reads lane 1 alone (not this layer's attention); post[s, l] sends
         sublayer s (0 attention, 1 MLP) into lane l, resid[l] scales lane l. fp32 like the residual stream."""
         mix = self.resid_mix
         u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
-        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u))
+        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc)
         m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1))
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -250,7 +269,10 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: mx.array) -> mx.array:
+    def logits(self, input_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+        """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
+        RoPE positions stay the index within the row either way (RECORD_STACK.md §4)."""
+        doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self._smear_gate_enabled:
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self._bos_id)
@@ -259,17 +281,17 @@ class GPT(nn.Module):
         plan = self._plan_looped if self._looping else self._plan_unlooped
         skips = []
         for i in plan.encoder:
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, doc)
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
         for i, slot in zip(plan.decoder, plan.skip_slots):
             if lanes is None and 0 < self._parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0)
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc)
             else:
                 lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i))
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc)
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
@@ -294,12 +316,18 @@ class GPT(nn.Module):
         flag at trace time: a compiled caller keeps one graph per state (mlx_train.MLXBackend)."""
         self._looping = bool(on)
 
-    def token_nll(self, input_ids: mx.array, target_ids: mx.array) -> mx.array:
-        logits = self.logits(input_ids)
+    def doc_attention(self, segments: mx.array) -> mx.array | tuple:
+        """What every layer's attention needs for DOC_ISOLATED_ATTN, built once per forward."""
+        if self._ops.per_segment:
+            return segment_ranges(segments)
+        return segment_mask(segments)
+
+    def token_nll(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+        logits = self.logits(input_ids, segments)
         return self._ops.token_nll(logits, target_ids)  # (B, T) nats, fp32
 
-    def __call__(self, input_ids: mx.array, target_ids: mx.array) -> mx.array:
-        return self.token_nll(input_ids, target_ids).mean()
+    def __call__(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+        return self.token_nll(input_ids, target_ids, segments).mean()
 
 
 def build_model(cfg: Hyperparameters, state: dict[str, np.ndarray] | None = None, dtype: mx.Dtype = mx.float32,

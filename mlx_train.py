@@ -28,6 +28,7 @@ from mlx_optim import Optimizers  # noqa: E402
 from shared import bpb, loop  # noqa: E402
 from shared.runlog import rss_peak_line  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
+from shared.segments import require_bos, segment_ids  # noqa: E402
 
 CUDA_TRAINER = str(Path(__file__).resolve().with_name("cuda_train.py"))  # what ships, hence what code_bytes counts
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -74,16 +75,22 @@ class MLXBackend:
         self.streams = make_streams(cfg)  # once: new streams are new threads on a CPU
 
     def describe(self) -> str:
+        ops = select_ops(self.cfg)
+        doc = f" doc_attn:{'per_segment' if ops.per_segment else 'block_mask'}" if self.cfg.doc_isolated_attn else ""
         return (f"mlx-{mx.__version__} device:{mx.default_device()} dtype:{self.dtype} "
-                f"ops:{select_ops(self.cfg).__name__} cpu_blas:{CPU_BLAS}")
+                f"ops:{ops.__name__} cpu_blas:{CPU_BLAS}{doc}")
 
     # -- model and optimizer state --
     def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
               bos_id: int | None = None) -> None:
         self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
+        if cfg.doc_isolated_attn:
+            require_bos(bos_id)  # fail before any compute
         self.model = build_model(cfg, weights, self.dtype, bos_id=bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
-        self.compile, self.train_graphs = cfg.mlx_compile, cfg.mlx_compile and train
+        # per-segment attention reads the segments on the host (shapes from the data): it cannot be compiled
+        self.compile = cfg.mlx_compile and not (cfg.doc_isolated_attn and select_ops(cfg).per_segment)
+        self.train_graphs = self.compile and train
         self.looping = cfg.num_loops > 0  # as the model is built
         self.graphs = {}  # (kind, looping) -> function, made on first use
 
@@ -107,7 +114,7 @@ class MLXBackend:
         key = ("grad", self.looping)
         if key not in self.graphs:
             # w: the chunk's share of the step mean, applied inside the compiled graph (no extra pass over grads)
-            fn = nn.value_and_grad(self.model, lambda x, y, w: self.model(x, y) * w)
+            fn = nn.value_and_grad(self.model, lambda x, y, w, seg: self.model(x, y, seg) * w)
             self.graphs[key] = (mx.compile(fn, inputs=self.model.state, outputs=self.model.state)
                                 if self.train_graphs else fn)
         return self.graphs[key]
@@ -138,7 +145,8 @@ class MLXBackend:
         grads, total = None, mx.array(0.0)
         for group in _groups(chunks, self.streams):
             outs = on_streams(self.streams, lambda c: self.loss_and_grad(mx.array(c[0]), mx.array(c[1]),
-                                                                         mx.array(c[2], dtype=mx.float32)), group)
+                                                                         mx.array(c[2], dtype=mx.float32),
+                                                                         self._segments(c[0])), group)
             for loss, g in outs:
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 total = total + loss
@@ -146,12 +154,20 @@ class MLXBackend:
         self.opts.step(dict(tree_flatten(grads)), lr_scale, momentum)
         return float(total.item())
 
+    def _segments(self, x: np.ndarray) -> mx.array | None:
+        """DOC_ISOLATED_ATTN: segment ids of the rows x (shared/segments.py); None: dense causal."""
+        if not self.cfg.doc_isolated_attn:
+            return None
+        return mx.array(segment_ids(x, require_bos(self.bos_id), self.cfg.train_seq_len))
+
     def evaluate(self, data: bpb.EvalData, log=None) -> bpb.BpbAccumulator:
-        """Scores each batch in chunks of MLX_MAX_MICROBATCH_TOKENS, a group of streams at a time: bounded memory."""
+        """Scores each batch in chunks of MLX_MAX_MICROBATCH_TOKENS, a group of streams at a time: bounded memory.
+        Each window is a row: under DOC_ISOLATED_ATTN the row-start rule applies to it."""
         def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:
             parts = []
             for group in _groups(list(zip(_split(x, self.cfg), _split(y, self.cfg))), self.streams):
-                outs = on_streams(self.streams, lambda c: self.nll_fn(mx.array(c[0]), mx.array(c[1])), group)
+                outs = on_streams(self.streams, lambda c: self.nll_fn(mx.array(c[0]), mx.array(c[1]),
+                                                                      self._segments(c[0])), group)
                 mx.eval(outs)
                 parts += [np.array(o) for o in outs]
             return np.concatenate(parts)

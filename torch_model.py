@@ -10,6 +10,7 @@ continue what the other trained.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
+from shared.segments import CU_SEQLENS_BUCKET, cu_seqlens
 from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights
+
+try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, fp16/bf16 only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 # ---- numerics, written out (mlx_model.py uses the same) ----
 RMS_NORM_EPS = 1e-6  # explicit: library defaults differ by dtype and framework
@@ -90,6 +97,50 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return y.reshape(bsz, heads, seqlen, head_dim)
 
 
+class VarlenSegments(NamedTuple):
+    """DOC_ISOLATED_ATTN on the varlen kernel: boundaries over the flattened (B*T) batch, padded (zero-length
+    segments) to a multiple of 64 entries as the record does; max_seqlen = T bounds every segment."""
+    cu_seqlens: Tensor  # int32 (S,), on the device
+    max_seqlen: int
+
+
+def doc_attention_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel DOC_ISOLATED_ATTN runs: flash varlen on CUDA in half precision (FA3 when activated, else
+    torch's FA2), else SDPA with a boolean block-causal mask (RECORD_STACK.md §10.2's plain equivalent)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+        from torch.nn.attention import current_flash_attention_impl
+        return f"varlen_attn_{current_flash_attention_impl() or 'FA2'}"
+    return "sdpa_block_mask"
+
+
+def segment_mask(segments: Tensor) -> Tensor:
+    """(B, 1, T, T) bool from (B, T) segment ids: i attends to j iff j <= i and seg(i) == seg(j) (§4)."""
+    seqlen = segments.size(1)
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+
+
+def varlen_segments(segments: Tensor) -> VarlenSegments:
+    """cu_seqlens from shared/segments.py (one small device-to-host copy per forward, not per layer)."""
+    cu = cu_seqlens(segments.cpu().numpy(), bucket=CU_SEQLENS_BUCKET)
+    return VarlenSegments(torch.from_numpy(cu).to(segments.device), segments.size(1))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc: Tensor | VarlenSegments | None) -> Tensor:
+    """Causal GQA attention (B, H, T, D) x (B, Hkv, T, D) -> (B, H, T, D); query head h reads KV head h // G.
+    doc (DOC_ISOLATED_ATTN): a block-causal mask or varlen boundaries keep each query inside its segment."""
+    gqa = k.size(1) != q.size(1)
+    if doc is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if isinstance(doc, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=doc, scale=scale, enable_gqa=gqa)
+    bsz, heads, seqlen, head_dim = q.shape
+    packed = [t.transpose(1, 2).reshape(bsz * seqlen, t.size(1), head_dim) for t in (q, k, v)]  # (B*T, H, D)
+    y = varlen_attn(*packed, doc.cu_seqlens, doc.cu_seqlens, doc.max_seqlen, doc.max_seqlen, scale=scale,
+                    window_size=(-1, 0), enable_gqa=gqa)  # window (-1, 0): causal within each segment
+    return y.reshape(bsz, seqlen, heads, head_dim).transpose(1, 2)
+
+
 def gated_skip(x: Tensor, skip: Tensor, gate: Tensor) -> Tensor:
     """SKIP_GATES_ENABLED (RECORD_STACK.md §3.6): g = sigmoid(gate); g * x + (1 - g) * skip,
     the record's torch.lerp(skip, x, g). Zero-init gates: an even mix."""
@@ -147,7 +198,7 @@ class CausalSelfAttention(nn.Module):
         if gate_window:
             self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, gate_window))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, doc: Tensor | VarlenSegments | None = None) -> Tensor:
         bsz, seqlen, dim = x.shape
         q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -158,8 +209,7 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary_emb(q, cos, sin)
         k = apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain[None, :, None, None]
-        y = F.scaled_dot_product_attention(q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), is_causal=True,
-                                           scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = attention(q.to(self.dtype), k.to(self.dtype), v.to(self.dtype), self.scale, doc)  # causal, GQA
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate_window:
@@ -201,20 +251,21 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, doc: Tensor | VarlenSegments | None = None) -> Tensor:
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
-        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x))
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc)
         x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
 
-    def parallel(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
+    def parallel(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor, resid: Tensor,
+                 doc: Tensor | VarlenSegments | None = None) -> tuple[Tensor, Tensor]:
         """Two residual lanes (RECORD_STACK.md §3.7, from the 2026-03-31 ParallelResiduals record): attention
         reads lane 0 mixed with x0, the MLP reads lane 1 alone (not this layer's attention); post[s, l] sends
         sublayer s (0 attention, 1 MLP) into lane l, resid[l] scales lane l. fp32 like the residual stream."""
         mix = self.resid_mix
         u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
-        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u))
+        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc)
         m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1))
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
@@ -248,7 +299,10 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, segments: Tensor | None = None) -> Tensor:
+        """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
+        RoPE positions stay the index within the row either way (RECORD_STACK.md §4)."""
+        doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self.smear_gate_enabled:
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
@@ -257,17 +311,17 @@ class GPT(nn.Module):
         plan = self.plan_looped if self.looping else self.plan_unlooped
         skips = []
         for i in plan.encoder:
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, doc)
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
         for i, slot in zip(plan.decoder, plan.skip_slots):
             if lanes is None and 0 < self.parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0)
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc)
             else:
                 lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i))
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc)
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
@@ -292,13 +346,20 @@ class GPT(nn.Module):
         the flag is guarded: each state compiles once, then both graphs stay cached."""
         self.looping = bool(on)
 
-    def token_nll(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        logits = self.logits(input_ids)
+    @torch.compiler.disable  # host-side choice and numpy: one graph break, nothing traced into the compiled graph
+    def doc_attention(self, segments: Tensor) -> Tensor | VarlenSegments:
+        """What every layer's attention needs for DOC_ISOLATED_ATTN, built once per forward."""
+        if doc_attention_kernel(segments.device, self.dtype).startswith("varlen"):
+            return varlen_segments(segments)
+        return segment_mask(segments)
+
+    def token_nll(self, input_ids: Tensor, target_ids: Tensor, segments: Tensor | None = None) -> Tensor:
+        logits = self.logits(input_ids, segments)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.reshape(target_ids.shape)  # (B, T) nats, fp32
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        return self.token_nll(input_ids, target_ids).mean()
+    def forward(self, input_ids: Tensor, target_ids: Tensor, segments: Tensor | None = None) -> Tensor:
+        return self.token_nll(input_ids, target_ids, segments).mean()
 
 
 def build_model(cfg: Hyperparameters, device: torch.device | str = "cpu", state: dict[str, np.ndarray] | None = None,

@@ -82,7 +82,8 @@ def load_inputs(args: argparse.Namespace) -> tuple:
 def report_fp32(cfg, state, tokens, windows, tables, logit_windows: int) -> bool:
     tm, mm = C.torch_model(cfg, state), C.mlx_model(cfg, state)
     ids = tokens[windows[:logit_windows, :1] + np.arange(cfg.train_seq_len)[None, :]].astype(np.int64)
-    lt, lm = C.torch_logits(tm, ids), C.mlx_logits(mm, ids)
+    seg = C.segments_for(cfg, ids)  # DOC_ISOLATED_ATTN: each window's documents, as the trainers score them
+    lt, lm = C.torch_logits(tm, ids, seg), C.mlx_logits(mm, ids, seg)
     diff = np.abs(lt.astype(np.float64) - lm)
     logits_ok = bool((diff <= C.LOGITS_ATOL + C.LOGITS_RTOL * abs(lt)).all())
     print(f"fp32 logits: max_abs_diff:{diff.max():.3e} mean_abs_diff:{diff.mean():.3e} "

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from shared import bpb  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
 from shared.manifest import BOS_ID  # noqa: E402  (the shards' BOS, which the tokenizers here share)
+from shared.segments import segment_ids  # noqa: E402
 from shared.spec import param_table  # noqa: E402
 
 # fp32 tolerances (STYLE.md): forward, loss, gradients.
@@ -55,29 +56,48 @@ def mlx_model(cfg: Hyperparameters, state: dict[str, np.ndarray], ops=None, dtyp
     return mlx_model_mod.build_model(cfg, state, dtype, ops, bos_id)
 
 
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+def plant_documents(ids: np.ndarray, seed: int = 0, rate: float = 0.12) -> np.ndarray:
+    """A copy of (B, T+1) token rows holding several documents: BOS_ID at random positions (some adjacent), at
+    the start of row 0 (other rows open with a cut document's tail) and at row 1's last input position."""
+    out = ids.copy()
+    out[np.random.default_rng(seed).random(ids.shape) < rate] = BOS_ID
+    out[0, 0] = BOS_ID
+    out[1, -2] = BOS_ID
+    return out
+
+
+def segments_for(cfg: Hyperparameters, x: np.ndarray) -> np.ndarray | None:
+    """What the trainers feed the models: segment ids of x under DOC_ISOLATED_ATTN, else None (dense causal)."""
+    return segment_ids(x, BOS_ID, cfg.train_seq_len) if cfg.doc_isolated_attn else None
+
+
+def torch_logits(model, ids: np.ndarray, segments: np.ndarray | None = None) -> np.ndarray:
     dev = next(model.parameters()).device
+    seg = None if segments is None else torch.from_numpy(segments).to(dev)
     with torch.no_grad():
-        return model.logits(torch.from_numpy(ids).to(dev)).float().cpu().numpy()
+        return model.logits(torch.from_numpy(ids).to(dev), seg).float().cpu().numpy()
 
 
-def mlx_logits(model, ids: np.ndarray) -> np.ndarray:
-    return np.array(model.logits(mx.array(ids)))
+def mlx_logits(model, ids: np.ndarray, segments: np.ndarray | None = None) -> np.ndarray:
+    return np.array(model.logits(mx.array(ids), None if segments is None else mx.array(segments)))
 
 
-def torch_loss_and_grads(model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+def torch_loss_and_grads(model, x: np.ndarray, y: np.ndarray,
+                         segments: np.ndarray | None = None) -> tuple[float, dict[str, np.ndarray]]:
     model.zero_grad(set_to_none=True)
-    loss = model(torch.from_numpy(x), torch.from_numpy(y))
+    loss = model(torch.from_numpy(x), torch.from_numpy(y), None if segments is None else torch.from_numpy(segments))
     loss.backward()
     grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().numpy().copy()
              for k, p in model.named_parameters()}  # unused (e.g. 0 skip weights): zero, as MLX reports
     return float(loss.detach()), grads
 
 
-def mlx_loss_and_grads(model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+def mlx_loss_and_grads(model, x: np.ndarray, y: np.ndarray,
+                       segments: np.ndarray | None = None) -> tuple[float, dict[str, np.ndarray]]:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    loss, grads = nn.value_and_grad(model, lambda a, b: model(a, b))(mx.array(x), mx.array(y))
+    seg = None if segments is None else mx.array(segments)
+    loss, grads = nn.value_and_grad(model, lambda a, b: model(a, b, seg))(mx.array(x), mx.array(y))
     return float(loss.item()), {k: np.array(v) for k, v in tree_flatten(grads)}
 
 
@@ -109,14 +129,17 @@ def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.nda
     dev = next(model.parameters()).device
 
     def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        seg = segments_for(cfg, x)
+        xt, yt, st = (None if a is None else torch.from_numpy(a).to(dev) for a in (x, y, seg))
         with torch.no_grad():
-            return model.token_nll(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)).float().cpu().numpy()
+            return model.token_nll(xt, yt, st).float().cpu().numpy()
     return _score(fn, cfg, tokens, windows, tables)
 
 
 def score_mlx(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
     def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        out = model.token_nll(mx.array(x), mx.array(y))
+        seg = segments_for(cfg, x)
+        out = model.token_nll(mx.array(x), mx.array(y), None if seg is None else mx.array(seg))
         mx.eval(out)
         return np.array(out)
     return _score(fn, cfg, tokens, windows, tables)

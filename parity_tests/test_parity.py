@@ -67,10 +67,12 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
             "lanes": {"num_layers": 4, "parallel_start_layer": 2},
             "record_loops_lanes": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
                                    "xsa_last_n": 5, "skip_gates_enabled": True, "num_layers": 5, "num_loops": 2,
-                                   "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3}}
+                                   "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3},
+            # attention within documents: batches get BOS tokens (C.plant_documents) and their segment ids
+            "doc_isolated": {"doc_isolated_attn": True, "num_layers": 3, "xsa_last_n": 1}}
 RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
                    "skip_gates", "record_stack", "smear", "sparse_gate", "record_gates", "looped", "lanes",
-                   "record_loops_lanes"]
+                   "record_loops_lanes", "doc_isolated"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 
@@ -80,6 +82,8 @@ def cfg_for(variant: str) -> Hyperparameters:
 
 def batch(cfg: Hyperparameters, n: int = 4, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(n, cfg.train_seq_len + 1))
+    if cfg.doc_isolated_attn:  # several documents per row, or isolation is not exercised
+        ids = C.plant_documents(ids, seed)
     return ids[:, :-1], ids[:, 1:]
 
 
@@ -108,10 +112,11 @@ def test_every_model_field_has_a_parity_variant():
 def check_forward(cfg: Hyperparameters, ops) -> None:
     state = C.random_state(cfg)
     x, y = batch(cfg)
+    seg = C.segments_for(cfg, x)
     tm, mm = C.torch_model(cfg, state), C.mlx_model(cfg, state, ops)
-    C.assert_close("logits", C.mlx_logits(mm, x), C.torch_logits(tm, x), C.LOGITS_RTOL, C.LOGITS_ATOL)
-    lt, _ = C.torch_loss_and_grads(tm, x, y)
-    lm, _ = C.mlx_loss_and_grads(mm, x, y)
+    C.assert_close("logits", C.mlx_logits(mm, x, seg), C.torch_logits(tm, x, seg), C.LOGITS_RTOL, C.LOGITS_ATOL)
+    lt, _ = C.torch_loss_and_grads(tm, x, y, seg)
+    lm, _ = C.mlx_loss_and_grads(mm, x, y, seg)
     assert abs(lt - lm) <= C.LOSS_ATOL, f"loss: torch {lt:.8f} mlx {lm:.8f} diff {abs(lt - lm):.3e}"
 
 
@@ -125,8 +130,9 @@ def test_forward_logits_and_loss_agree(variant, ops):
 def check_backward(cfg: Hyperparameters, ops) -> None:
     state = C.random_state(cfg, seed=2)
     x, y = batch(cfg, seed=3)
-    _, gt = C.torch_loss_and_grads(C.torch_model(cfg, state), x, y)
-    _, gm = C.mlx_loss_and_grads(C.mlx_model(cfg, state, ops), x, y)
+    seg = C.segments_for(cfg, x)
+    _, gt = C.torch_loss_and_grads(C.torch_model(cfg, state), x, y, seg)
+    _, gm = C.mlx_loss_and_grads(C.mlx_model(cfg, state, ops), x, y, seg)
     assert set(gt) == set(gm)
     for name in sorted(gt):
         C.assert_close(f"grad {name}", gm[name], gt[name], C.GRAD_RTOL, C.GRAD_ATOL)
@@ -471,7 +477,7 @@ def test_no_logit_sees_a_later_token(framework):
 
 def test_injected_attention_leak_is_caught(monkeypatch):
     """The leak test must fail when the causal mask is dropped (a full softmax over all positions)."""
-    def full_attention(q, k, v, scale):
+    def full_attention(q, k, v, scale, mask=None):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     monkeypatch.setattr(mlx_cpu_ops.FusedOps, "attention", staticmethod(full_attention))
     cfg = cfg_for("record_stack")

@@ -101,6 +101,7 @@ class Hyperparameters:
     loop_end: int = _f(5, "model")
     enable_looping_at: float = _f(0.35, "train")  # training fraction (wallclock, else steps) where looping starts
     parallel_start_layer: int = _f(0, "model")  # decoder layers >= this run as two residual lanes (§3.7); 0 = off
+    doc_isolated_attn: bool = _f(False, "model")  # attention stays inside each document of a row (split at BOS)
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
@@ -275,7 +276,8 @@ RECORD_MODEL: dict[str, Any] = dict(
     mlp_act="leaky_relu2", mlp_leaky_slope=0.5, rope_dims=16, rope_base=10000.0, ln_scale=True, xsa_last_n=11,
     qk_gain_init=5.0, logit_softcap=30.0, tie_embeddings=True, tied_embed_init_std=0.005, skip_gates_enabled=True,
     smear_gate_enabled=True, gate_window=12, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
-    num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, parallel_start_layer=8, ortho_init=True)
+    num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, parallel_start_layer=8, ortho_init=True,
+    doc_isolated_attn=True)
 PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8192",
                          tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
                          train_seq_len=2048, train_batch_tokens=786_432, val_batch_size=524_288)
