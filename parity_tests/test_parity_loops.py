@@ -179,15 +179,15 @@ def _plan_looping_num_loops_times(cfg, looping):
 
 
 def _parallel_transposed(orig):
-    def parallel(self, lane0, lane1, x0, post, resid):
-        return orig(self, lane0, lane1, x0, post.T, resid)  # post[l, s] read as post[s, l]
+    def parallel(self, lane0, lane1, x0, post, resid, doc=None):
+        return orig(self, lane0, lane1, x0, post.T, resid, doc)  # post[l, s] read as post[s, l]
     return parallel
 
 
-def _parallel_mlp_reads_lane0(self, lane0, lane1, x0, post, resid):
+def _parallel_mlp_reads_lane0(self, lane0, lane1, x0, post, resid, doc=None):
     mix = self.resid_mix
     u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
-    a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u))
+    a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc)
     m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane0))
     return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
             resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
