@@ -111,8 +111,10 @@ class ComposedOps:
     # DOC_ISOLATED_ATTN: one causal call per segment, not a (T, T) mask. The segments' shapes come from the
     # data, so the step is not mx.compile'd. Measured on a 2-core CPU (bench/doc_isolation.py --what model,
     # PRESET=tiny dims, documents of mean 700 tokens), fwd+bwd of 4096 tokens: T=2048 1.28 s vs 3.17 s with
-    # the mask (dense causal 5.53 s), peak 0.29 vs 1.26 GB; T=1024 a tie; T=512 0.98 s vs 0.67 s.
+    # the mask (dense causal 5.53 s), peak 0.29 vs 1.26 GB; T=1024 a tie; T=512 0.98 s vs 0.67 s. So rows
+    # shorter than per_segment_min_seq keep the mask (and mx.compile): see uses_per_segment.
     per_segment = True
+    per_segment_min_seq = 1024
 
     @staticmethod
     def tanh(u: mx.array) -> mx.array:
@@ -133,6 +135,11 @@ class ComposedOps:
         if isinstance(doc, mx.array):
             return composed_masked_attention(q * scale, k, v, doc)
         return segmented_attention(composed_attention, q * scale, k, v, doc)
+
+
+def uses_per_segment(ops, seq_len: int) -> bool:
+    """DOC_ISOLATED_ATTN with rows of seq_len: per-segment calls (uncompiled) or one masked call (compiled)."""
+    return ops.per_segment and seq_len >= getattr(ops, "per_segment_min_seq", 0)
 
 
 def segmented_attention(attention, q: mx.array, k: mx.array, v: mx.array, ranges) -> mx.array:

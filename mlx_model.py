@@ -8,7 +8,7 @@ out as numpy arrays (load_numpy_state / numpy_state).
 """
 from __future__ import annotations
 
-from mlx_cpu_ops import select_ops  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
+from mlx_cpu_ops import select_ops, uses_per_segment  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
 
 import math  # noqa: E402
 
@@ -318,7 +318,7 @@ class GPT(nn.Module):
 
     def doc_attention(self, segments: mx.array) -> mx.array | tuple:
         """What every layer's attention needs for DOC_ISOLATED_ATTN, built once per forward."""
-        if self._ops.per_segment:
+        if uses_per_segment(self._ops, segments.shape[1]):
             return segment_ranges(segments)
         return segment_mask(segments)
 

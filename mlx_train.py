@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mlx_cpu_ops import CPU_BLAS, select_ops  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
+from mlx_cpu_ops import CPU_BLAS, select_ops, uses_per_segment  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -76,7 +76,8 @@ class MLXBackend:
 
     def describe(self) -> str:
         ops = select_ops(self.cfg)
-        doc = f" doc_attn:{'per_segment' if ops.per_segment else 'block_mask'}" if self.cfg.doc_isolated_attn else ""
+        segmented = uses_per_segment(ops, self.cfg.train_seq_len)
+        doc = f" doc_attn:{'per_segment' if segmented else 'block_mask'}" if self.cfg.doc_isolated_attn else ""
         return (f"mlx-{mx.__version__} device:{mx.default_device()} dtype:{self.dtype} "
                 f"ops:{ops.__name__} cpu_blas:{CPU_BLAS}{doc}")
 
@@ -89,7 +90,8 @@ class MLXBackend:
         self.model = build_model(cfg, weights, self.dtype, bos_id=bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
         # per-segment attention reads the segments on the host (shapes from the data): it cannot be compiled
-        self.compile = cfg.mlx_compile and not (cfg.doc_isolated_attn and select_ops(cfg).per_segment)
+        self.compile = cfg.mlx_compile and not (cfg.doc_isolated_attn
+                                                and uses_per_segment(select_ops(cfg), cfg.train_seq_len))
         self.train_graphs = self.compile and train
         self.looping = cfg.num_loops > 0  # as the model is built
         self.graphs = {}  # (kind, looping) -> function, made on first use

@@ -3,7 +3,8 @@
     PRESET=tiny python bench/train_speed.py --backend mlx --steps 20
     python bench/train_speed.py --backend torch --steps 5          # baseline config (needs its data)
 
-Times whole optimizer steps (TRAIN_BATCH_TOKENS each) after --warmup untimed steps.
+Times whole optimizer steps (TRAIN_BATCH_TOKENS each) after --warmup untimed steps. A model with NUM_LOOPS
+is timed looped (the state of most of a run: looping starts at ENABLE_LOOPING_AT).
 """
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ def make_backend(backend: str):
     else:
         import cuda_train
         be = cuda_train.TorchBackend(cfg)
-    be.build(cfg, init_params(cfg), train=True)
+    from shared.tokenizer import load_tokenizer
+    be.build(cfg, init_params(cfg), train=True, bos_id=load_tokenizer(cfg.tokenizer_path).bos_id())
     st = TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), be.rank, be.world_size, cfg.vocab_size))
     return cfg, be, st
 
 
 def main() -> None:
     from shared.loop import one_step
+    from shared.spec import count_params
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=("mlx", "torch"), required=True)
     ap.add_argument("--steps", type=int, default=10)
@@ -50,7 +53,8 @@ def main() -> None:
     be.sync()
     dt = time.perf_counter() - t0
     tokens = args.steps * cfg.train_batch_tokens
-    print(f"backend:{be.describe()} layers:{cfg.num_layers} dim:{cfg.model_dim} seq:{cfg.train_seq_len} "
+    print(f"backend:{be.describe()} params:{count_params(cfg)} layers:{cfg.num_layers} dim:{cfg.model_dim} "
+          f"looped:{cfg.num_loops > 0} doc_isolated:{cfg.doc_isolated_attn} seq:{cfg.train_seq_len} "
           f"batch_tokens:{cfg.train_batch_tokens} steps:{args.steps} ms_per_step:{1000 * dt / args.steps:.1f} "
           f"tokens_per_s:{tokens / dt:.0f} last_loss:{loss:.4f}")
     print(be.peak_memory_line())

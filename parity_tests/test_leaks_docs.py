@@ -36,9 +36,12 @@ import mlx_model  # noqa: E402
 import mlx_train  # noqa: E402
 import torch_model  # noqa: E402
 
-FRAMEWORKS = ["torch", "mlx_composed", "mlx_fused"]
-# ComposedOps with the (B, 1, T, T) mask instead of per-segment calls: the other DOC_ISOLATED_ATTN path it has
+FRAMEWORKS = ["torch", "mlx_composed", "mlx_segmented", "mlx_fused"]
+# ComposedOps's two DOC_ISOLATED_ATTN paths at any length: the (B, 1, T, T) mask, and per-segment calls (which it
+# takes by itself only from per_segment_min_seq = 1024 tokens on)
 MASKED_COMPOSED = type("ComposedOps", (mlx_cpu_ops.ComposedOps,), {"per_segment": False})
+SEGMENTED_COMPOSED = type("ComposedOps", (mlx_cpu_ops.ComposedOps,), {"per_segment_min_seq": 0})
+OPS = dict(MLX_OPS, segmented=SEGMENTED_COMPOSED)
 SEGMENT_RANGES = mlx_model.segment_ranges  # the real one, for a fault built on top of it
 
 
@@ -62,7 +65,7 @@ def logits_fn(framework: str, cfg, state):
     if framework == "torch":
         model = C.torch_model(cfg, state)
         return lambda ids: C.torch_logits(model, ids, C.segments_for(cfg, ids))
-    model = C.mlx_model(cfg, state, MLX_OPS[framework.split("_")[1]])
+    model = C.mlx_model(cfg, state, OPS[framework.split("_")[1]])
     return lambda ids: C.mlx_logits(model, ids, C.segments_for(cfg, ids))
 
 
@@ -99,7 +102,7 @@ def test_masked_composed_attention_is_isolated():
 # Per-segment calls (MLX composed) take their shapes from the segments: a BOS added or removed after t changes
 # the length of t's segment, hence the blocking of its matmuls and sums, and logits at <= t move by rounding
 # (measured 3.8e-6), never by information (a real leak moves them by ~1). The fixed-shape paths are exact.
-LATER_TOKEN_ATOL = {"torch": 0.0, "mlx_composed": 1e-5, "mlx_fused": 0.0}
+LATER_TOKEN_ATOL = {"torch": 0.0, "mlx_composed": 0.0, "mlx_segmented": 1e-5, "mlx_fused": 0.0}
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -136,10 +139,11 @@ def test_injected_document_leaks_are_caught(monkeypatch, framework, fault):
 
 
 # Parity under isolation beyond the doc_isolated variant: the mask path ComposedOps also has, and its vjp.
-def test_masked_composed_attention_agrees_with_torch():
+@pytest.mark.parametrize("ops", [MASKED_COMPOSED, SEGMENTED_COMPOSED], ids=["masked", "segmented"])
+def test_both_composed_isolation_paths_agree_with_torch(ops):
     cfg = cfg_for("doc_isolated")
-    check_forward(cfg, MASKED_COMPOSED)
-    check_backward(cfg, MASKED_COMPOSED)
+    check_forward(cfg, ops)
+    check_backward(cfg, ops)
 
 
 @mx.custom_function
@@ -163,7 +167,7 @@ def _ranges_shifted(segments):
 @pytest.mark.parametrize("fault", ["isolation_dropped", "vjp_without_mask", "ranges_shifted"])
 def test_injected_isolation_faults_are_caught_by_parity(monkeypatch, fault):
     cfg = cfg_for("doc_isolated")
-    ops = mlx_cpu_ops.ComposedOps
+    ops = SEGMENTED_COMPOSED
     if fault == "isolation_dropped":
         monkeypatch.setattr(mlx_model.GPT, "doc_attention", lambda self, segments: None)
     elif fault == "vjp_without_mask":  # the forward is right: only gradients can tell

@@ -27,7 +27,9 @@ import torch_model  # noqa: E402
 # The preset's network at CI length: 6 layers, loops, lanes, gates, XSA, document isolation.
 CFG = Hyperparameters.from_env({"PRESET": "tiny_record", "TRAIN_SEQ_LEN": "48", "TRAIN_BATCH_TOKENS": "3072"})
 DOC_STARTS = (0, 11, 12, 30)  # documents [0,11) [11,12) [12,30) [30,48): a one-token document, BOS BOS
-FRAMEWORKS = ["torch", "mlx_composed", "mlx_fused"]
+FRAMEWORKS = ["torch", "mlx_composed", "mlx_segmented", "mlx_fused"]
+OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps,  # segmented: per-segment calls at any T
+       "segmented": type("ComposedOps", (mlx_cpu_ops.ComposedOps,), {"per_segment_min_seq": 0})}
 
 
 def _rows() -> np.ndarray:
@@ -44,8 +46,7 @@ def _logits_fn(framework: str, looping: bool):
         model = C.torch_model(CFG, state)
         model.set_looping(looping)
         return lambda ids: C.torch_logits(model, ids, C.segments_for(CFG, ids))
-    model = C.mlx_model(CFG, state, {"composed": mlx_cpu_ops.ComposedOps,
-                                     "fused": mlx_cpu_ops.FusedOps}[framework.split("_")[1]])
+    model = C.mlx_model(CFG, state, OPS[framework.split("_")[1]])
     model.set_looping(looping)
     return lambda ids: C.mlx_logits(model, ids, C.segments_for(CFG, ids))
 
@@ -97,7 +98,7 @@ def _mlx_smear_without_mask(e, ids, weight, lam, bos_id):
     return mx.concatenate([e[:, :1], e[:, 1:] + g[:, 1:] * e[:, :-1]], axis=1)
 
 
-@pytest.mark.parametrize("framework", ["torch", "mlx_composed"])
+@pytest.mark.parametrize("framework", ["torch", "mlx_composed", "mlx_segmented"])
 def test_the_document_leak_check_fails_without_the_smear_bos_mask(monkeypatch, framework):
     """The pre-fix SmearGate: a document's BOS takes the previous document's last token."""
     if framework == "torch":
