@@ -69,10 +69,16 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
                                    "xsa_last_n": 5, "skip_gates_enabled": True, "num_layers": 5, "num_loops": 2,
                                    "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3},
             # attention within documents: batches get BOS tokens (C.plant_documents) and their segment ids
-            "doc_isolated": {"doc_isolated_attn": True, "num_layers": 3, "xsa_last_n": 1}}
+            "doc_isolated": {"doc_isolated_attn": True, "num_layers": 3, "xsa_last_n": 1},
+            # every feature at once, as PRESET=tiny_record (looping states: test_parity_loops.py)
+            "all_features": {"mlp_mult": 3.5, "mlp_act": "leaky_relu2", "rope_dims": 4, "ln_scale": True,
+                             "xsa_last_n": 5, "skip_gates_enabled": True, "num_layers": 5, "num_loops": 2,
+                             "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3, "smear_gate_enabled": True,
+                             "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5,
+                             "doc_isolated_attn": True}}
 RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
                    "skip_gates", "record_stack", "smear", "sparse_gate", "record_gates", "looped", "lanes",
-                   "record_loops_lanes", "doc_isolated"]
+                   "record_loops_lanes", "doc_isolated", "all_features"]
 MLX_OPS = {"composed": mlx_cpu_ops.ComposedOps, "fused": mlx_cpu_ops.FusedOps}
 
 

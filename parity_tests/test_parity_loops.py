@@ -32,7 +32,7 @@ import mlx_cpu_ops  # noqa: E402
 import mlx_model  # noqa: E402
 import mlx_train  # noqa: E402
 
-LOOP_VARIANTS = ["looped", "record_loops_lanes"]
+LOOP_VARIANTS = ["looped", "record_loops_lanes", "all_features"]
 
 
 @pytest.fixture

@@ -283,12 +283,15 @@ PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8
                          train_seq_len=2048, train_batch_tokens=786_432, val_batch_size=524_288)
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
-# (README "PRESET=mac" gives the arithmetic). Sequence 1024 and 32K-token steps keep the step count useful.
+# (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.
 PRESETS["mac"] = dict(RECORD_MODEL, model_dim=256, num_heads=4, num_kv_heads=2,
                       data_path="./data/datasets/fineweb10B_sp8192",
                       tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
-                      train_seq_len=1024, train_batch_tokens=32_768, val_batch_size=131_072,
-                      warmup_steps=10, train_log_every=25, val_loss_every=0, mlx_max_microbatch_tokens=8192)
+                      train_seq_len=1024, train_batch_tokens=16_384, val_batch_size=131_072,
+                      warmup_steps=10, train_log_every=25, val_loss_every=0, mlx_max_microbatch_tokens=8192,
+                      # a few hundred steps in 10 minutes: the baseline's 1200-step warmdown and 500-step momentum
+                      # warm-up would span the whole run (the record's schedules come with the optimizer work)
+                      warmdown_iters=100, muon_momentum_warmup_steps=100)
 # CI size with every record feature on, on the demo data: 6 layers of width 64 (head dim 16, RoPE on 8 of it),
 # layers 2..3 looped twice more (10 applications: [0,1,2,3,2] | [3,2,3,4,5]), lanes on layers 4..5.
 PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
