@@ -27,7 +27,7 @@ from shared.data import TokenLoader, train_pattern
 from shared.manifest import check_tokenizer
 from shared.runlog import RunLog, log_final, step_line, val_line
 from shared.schedule import (looping_active, lr_multiplier, muon_momentum, should_checkpoint, should_log_train,
-                             should_validate)
+                             should_validate, train_budget_ms)
 from shared.spec import count_params, estimate_memory_bytes, init_params
 
 
@@ -214,10 +214,10 @@ def one_step(be: Backend, st: TrainState, cfg: Hyperparameters, lr_scale: float)
 
 
 def over_cap(be: Backend, cfg: Hyperparameters, train_ms: float) -> bool:
-    """Wallclock cap, agreed across ranks (any rank over the cap stops all)."""
+    """Wallclock cap less GPTQ_RESERVE_SECONDS, agreed across ranks (any rank over the budget stops all)."""
     if cfg.max_wallclock_seconds <= 0:
         return False
-    return be.any_rank(train_ms >= 1000.0 * cfg.max_wallclock_seconds)
+    return be.any_rank(train_ms >= train_budget_ms(cfg))
 
 
 def prime(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog) -> None:

@@ -5,15 +5,31 @@ from shared.config import Hyperparameters
 
 
 def lr_multiplier(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps (the official schedule).
+    """The learning-rate multiplier of all optimizers: WARMDOWN_FRAC's schedule when set, else WARMDOWN_ITERS'.
 
-    With a wallclock cap the warmdown is timed: it starts when the remaining time
-    equals WARMDOWN_ITERS steps at the average step time so far. Past ITERATIONS
-    the multiplier is 0 (the official code returns 1 there; a resumed run past its
-    end must not train at full rate).
-    """
+    Past ITERATIONS the multiplier is 0 (the official code returns 1 there; a resumed run past its end must not
+    train at full rate)."""
     if step >= cfg.iterations:
         return 0.0
+    if cfg.warmdown_frac > 0:
+        return fraction_warmdown(cfg, training_fraction(cfg, step, elapsed_ms))
+    return iters_warmdown(cfg, step, elapsed_ms)
+
+
+def fraction_warmdown(cfg: Hyperparameters, frac: float) -> float:
+    """The record's schedule (RECORD_STACK.md §5.5): full rate until the training fraction reaches
+    1 - WARMDOWN_FRAC, then linear to 0 at frac 1, floored at MIN_LR (the floor applies to the decayed value:
+    with the record's 0.85 and 0.10 it is reached at frac 1 - 0.1*0.85 = 0.915)."""
+    if frac < 1.0 - cfg.warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / cfg.warmdown_frac, cfg.min_lr)
+
+
+def iters_warmdown(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps (the official schedule).
+
+    With a wallclock cap the warmdown is timed: it starts when the remaining training budget equals
+    WARMDOWN_ITERS steps at the average step time so far."""
     if cfg.warmdown_iters <= 0:
         return 1.0
     if cfg.max_wallclock_seconds <= 0:
@@ -21,16 +37,23 @@ def lr_multiplier(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
         return (cfg.iterations - step) / cfg.warmdown_iters if step >= start else 1.0
     step_ms = elapsed_ms / max(step, 1)
     warmdown_ms = cfg.warmdown_iters * step_ms
-    remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(train_budget_ms(cfg) - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
+def train_budget_ms(cfg: Hyperparameters) -> float:
+    """The timed training budget: MAX_WALLCLOCK_SECONDS less GPTQ_RESERVE_SECONDS, kept for quantization that
+    reads training data (the record's 599.5 s of 600, §5.5). Only meaningful with a cap."""
+    return 1000.0 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds)
+
+
 def training_fraction(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """How far training is: elapsed / cap under a wallclock cap (the record's frac, §5.5), else step / ITERATIONS.
+    """How far training is: elapsed / budget under a wallclock cap (the record's frac, §5.5), else
+    step / ITERATIONS. The LR schedule, the loop switch and the wallclock stop read the same budget.
 
     elapsed_ms must be the value every rank agreed on (shared/loop.py takes the max over ranks)."""
     if cfg.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * cfg.max_wallclock_seconds)
+        return elapsed_ms / train_budget_ms(cfg)
     return step / cfg.iterations
 
 
