@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
-from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, groups_of  # noqa: E402
+from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, group_wd, groups_of  # noqa: E402
 
 
 def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype) -> mx.array:
@@ -34,10 +34,10 @@ def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype) -> mx.
 
 
 class Muon:
-    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols))."""
+    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)); W <- W*(1 - lr*wd) - lr*update."""
 
-    def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype):
-        self.names, self.base_lr, self.lr = names, lr, lr
+    def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype, wd: float = 0.0):
+        self.names, self.base_lr, self.lr, self.wd = names, lr, lr, wd
         self.momentum, self.backend_steps, self.ns_dtype = 0.0, backend_steps, ns_dtype
         self.state: dict[str, dict[str, mx.array]] = {}
 
@@ -49,17 +49,18 @@ class Muon:
             g = zeropower_via_newtonschulz5(g, self.backend_steps, self.ns_dtype)
             g = g * max(1.0, g.shape[0] / g.shape[1]) ** 0.5
             self.state[n]["momentum"] = buf
-            params[n] = params[n] - self.lr * g.astype(params[n].dtype)
+            params[n] = decay(params[n], self.lr, self.wd) - self.lr * g.astype(params[n].dtype)
 
     def state_of(self, n: str, p: mx.array) -> dict[str, mx.array]:
         return self.state.get(n) or {"momentum": mx.zeros_like(p)}
 
 
 class Adam:
-    """torch.optim.Adam's update: m.lerp(g, 1-b1); v = b2 v + (1-b2) g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
+    """torch.optim.Adam's update: m.lerp(g, 1-b1); v = b2 v + (1-b2) g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
+    after AdamW's decoupled decay p *= 1 - lr*wd."""
 
-    def __init__(self, names: list[str], lr: float, beta1: float, beta2: float, eps: float):
-        self.names, self.base_lr, self.lr = names, lr, lr
+    def __init__(self, names: list[str], lr: float, beta1: float, beta2: float, eps: float, wd: float = 0.0):
+        self.names, self.base_lr, self.lr, self.wd = names, lr, lr, wd
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.state: dict[str, dict[str, mx.array]] = {}
 
@@ -72,7 +73,7 @@ class Adam:
             st["v"] = st["v"] * self.beta2 + (1.0 - self.beta2) * (g * g)
             bc1, bc2 = 1.0 - self.beta1 ** st["step"], 1.0 - self.beta2 ** st["step"]
             denom = mx.sqrt(st["v"]) / math.sqrt(bc2) + self.eps
-            params[n] = params[n] - (self.lr / bc1) * (st["m"] / denom)
+            params[n] = decay(params[n], self.lr, self.wd) - (self.lr / bc1) * (st["m"] / denom)
 
     def state_of(self, n: str, p: mx.array) -> dict:
         return self.state.get(n) or {"m": mx.zeros_like(p), "v": mx.zeros_like(p), "step": 0.0}
@@ -87,9 +88,9 @@ class Optimizers:
         for g, names in groups_of([n for n, _ in tree_flatten(model.parameters())], cfg).items():
             lr = group_lr(g, cfg)
             if GROUP_OPTIMIZER[g] == "muon":
-                self.opts[g] = Muon(names, lr, cfg.muon_backend_steps, ns_dtype)
+                self.opts[g] = Muon(names, lr, cfg.muon_backend_steps, ns_dtype, group_wd(g, cfg))
             else:
-                self.opts[g] = Adam(names, lr, cfg.beta1, cfg.beta2, cfg.adam_eps)
+                self.opts[g] = Adam(names, lr, cfg.beta1, cfg.beta2, cfg.adam_eps, group_wd(g, cfg))
 
     def step(self, grads: dict[str, mx.array], lr_scale: float, momentum: float) -> None:
         """Clip the global gradient norm (GRAD_CLIP_NORM), then every group at base_lr * lr_scale."""
@@ -118,6 +119,11 @@ class Optimizers:
         for opt in self.opts.values():
             for n in opt.names:
                 opt.state[n] = {s: float(v[0]) if s == "step" else mx.array(v) for s, v in slots[n].items()}
+
+
+def decay(p: mx.array, lr: float, wd: float) -> mx.array:
+    """Decoupled weight decay p*(1 - lr*wd), lr the scheduled one (RECORD_STACK.md §5.3, §5.4); p as is at wd=0."""
+    return p * (1.0 - lr * wd) if wd > 0 else p
 
 
 def _to_numpy(slot: str, value) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, groups_of
+from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, group_wd, groups_of
 from torch_model import to_numpy
 
 
@@ -40,12 +40,14 @@ def _world_rank() -> tuple[int, int]:
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)).
 
-    Ranks split the matrices round-robin and all-reduce the flat update (official scheme).
+    Ranks split the matrices round-robin and all-reduce the flat update (official scheme). Decoupled weight decay
+    W <- W*(1 - lr*weight_decay) - lr*update (RECORD_STACK.md §5.3) is applied by every rank to every matrix.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
-                 compile_ns: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+                 compile_ns: bool = False, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
         self.ns_dtype = ns_dtype
         self.index = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
@@ -64,6 +66,8 @@ class Muon(torch.optim.Optimizer):
             if world > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             offset = 0
+            if group["weight_decay"] > 0:  # skipped at 0: the default step stays bit-identical
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             for p in params:
                 p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
@@ -96,19 +100,19 @@ class Optimizers:
             params, lr = [self.params[n] for n in names], group_lr(g, cfg)
             if GROUP_OPTIMIZER[g] == "muon":
                 self.opts[g] = Muon(params, lr, cfg.muon_momentum, cfg.muon_backend_steps, ns_dtype,
-                                    fused and cfg.torch_compile)
+                                    fused and cfg.torch_compile, group_wd(g, cfg))
             else:
                 self.opts[g] = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                                 fused=fused)
             for group in self.opts[g].param_groups:
-                group["base_lr"] = lr
+                group["base_lr"], group["decoupled_wd"] = lr, group_wd(g, cfg)
 
     def zero_grad(self) -> None:
         for opt in self.opts.values():
             opt.zero_grad(set_to_none=True)
 
     def step(self, lr_scale: float, momentum: float) -> None:
-        """Clip the global gradient norm (GRAD_CLIP_NORM), then every group at base_lr * lr_scale."""
+        """Clip the global gradient norm (GRAD_CLIP_NORM), then every group at base_lr * lr_scale, decay included."""
         for opt in self.opts.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
@@ -117,6 +121,8 @@ class Optimizers:
         if self.cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip_norm)
         for opt in self.opts.values():
+            if not isinstance(opt, Muon):
+                _decay_adam_groups(opt)
             opt.step()
 
     def slots(self) -> dict[str, dict[str, np.ndarray]]:
@@ -138,6 +144,17 @@ class Optimizers:
 
     def _name(self, p: Tensor) -> str:
         return next(n for n, q in self.params.items() if q is p)
+
+
+@torch.no_grad()
+def _decay_adam_groups(opt: torch.optim.Optimizer) -> None:
+    """torch.optim.AdamW's decoupled decay, written out: p *= 1 - lr*wd before the Adam step, on the parameters the
+    step will move (those with a gradient). Explicit rather than AdamW, so that WD=0 runs today's Adam kernel
+    unchanged and the order matches mlx_optim.Adam exactly."""
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if group["decoupled_wd"] > 0 and params:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["decoupled_wd"])
 
 
 def _muon_slots(opt: Muon, p: Tensor) -> dict[str, np.ndarray]:

@@ -87,6 +87,10 @@ class Hyperparameters:
     beta2: float = _f(0.95, "train")
     adam_eps: float = _f(1e-8, "train")
     grad_clip_norm: float = _f(0.0, "train")
+    # Decoupled weight decay (RECORD_STACK.md §5.3, §5.4): W <- W*(1 - lr*WD) before each step, lr the scheduled one.
+    muon_wd: float = _f(0.0, "train")  # the Muon (matrix) group
+    embed_wd: float = _f(0.0, "train")  # the token embedding (Adam "tok" group)
+    adam_wd: float = _f(0.0, "train")  # the Adam "scalar" group (an untied head gets no decay, as in the record's code)
     # Knobs of the record stack (RECORD_STACK.md §3); their defaults are the baseline's network.
     mlp_act: str = _f("relu2", "model")  # relu2: relu(h)^2 | leaky_relu2: leaky_relu(h, MLP_LEAKY_SLOPE)^2
     mlp_leaky_slope: float = _f(0.5, "model")  # read only by MLP_ACT=leaky_relu2
@@ -190,6 +194,8 @@ class Hyperparameters:
         for name in ("embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr"):
             _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative learning rate climbs the loss)")
         self._validate_schedule()
+        for name in ("muon_wd", "embed_wd", "adam_wd"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative decay grows the weights)")
         _require(self.adam_eps > 0, "adam_eps", "must be > 0 (0 divides by zero where a gradient is 0)")
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         _require(_SAFE_ID.fullmatch(self.run_id) is not None, "run_id",
@@ -301,7 +307,11 @@ PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8
                          # §5.5: a 600 s cap less 0.5 s for GPTQ's calibration, the fraction warmdown over the
                          # last 85% floored at 0.1, 20 discarded compile steps (no LR warm-up)
                          max_wallclock_seconds=600.0, gptq_reserve_seconds=0.5, iterations=20_000,
-                         warmdown_frac=0.85, min_lr=0.10, warmup_steps=20)
+                         warmdown_frac=0.85, min_lr=0.10, warmup_steps=20,
+                         # the record's optimizer (RECORD_STACK.md §5.2-§5.4)
+                         matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97,
+                         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, beta2=0.99,
+                         grad_clip_norm=0.3, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02)
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.

@@ -203,6 +203,12 @@ def group_lr(group: str, cfg: Hyperparameters) -> float:
             "matrix": cfg.matrix_lr, "scalar": cfg.scalar_lr}[group]
 
 
+def group_wd(group: str, cfg: Hyperparameters) -> float:
+    """Decoupled weight decay per group (RECORD_STACK.md §5.3, §5.4). An untied head gets none: the record family's
+    code steps it with plain Adam while the scalars get AdamW(weight_decay=ADAM_WD)."""
+    return {"tok": cfg.embed_wd, "head": 0.0, "matrix": cfg.muon_wd, "scalar": cfg.adam_wd}[group]
+
+
 def optimizer_slots(p: Param) -> tuple[str, ...]:
     return OPTIMIZER_SLOTS[GROUP_OPTIMIZER[p.group]]
 

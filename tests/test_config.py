@@ -70,6 +70,9 @@ def test_env_names_override_and_preset_keeps_official_names():
     ({"ENABLE_LOOPING_AT": "-0.1"}, "ENABLE_LOOPING_AT"),
     ({"PARALLEL_START_LAYER": "9"}, "PARALLEL_START_LAYER"),  # no layer >= 9 in 9 layers
     ({"PARALLEL_START_LAYER": "-1"}, "PARALLEL_START_LAYER"),
+    ({"MUON_WD": "-0.1"}, "MUON_WD"),
+    ({"EMBED_WD": "-0.1"}, "EMBED_WD"),
+    ({"ADAM_WD": "-1e-9"}, "ADAM_WD"),
     ({"PARALLEL_START_LAYER": "3"}, "PARALLEL_START_LAYER"),  # layer 3 is in the encoder [0..3]
     # looped [0,1,2,3,4,5,3,4,5] | [3,4,5,6,7,8, ...]: layer 4 runs, then 3 again, inside the lanes
     ({"PARALLEL_START_LAYER": "4", "NUM_LOOPS": "2"}, "PARALLEL_START_LAYER.*looped schedule"),
