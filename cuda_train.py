@@ -24,7 +24,7 @@ from torch import nn
 from shared import bpb, loop
 from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
-from shared.segments import require_bos, segment_ids
+from shared.segments import check_bos_features, require_bos, segment_ids
 from shared.spec import micro_batch_tokens
 from torch_model import build_model, doc_attention_kernel, load_numpy_state, numpy_state
 from torch_optim import Optimizers
@@ -77,8 +77,7 @@ class TorchBackend:
     def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
               bos_id: int | None = None) -> None:
         self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
-        if cfg.doc_isolated_attn:
-            require_bos(bos_id)  # fail before any compute
+        check_bos_features(cfg, bos_id)  # fail before any compute
         self.model = build_model(cfg, self.device, weights, self.dtype, bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
         self.train_model = self._wrap(self.model) if train else None

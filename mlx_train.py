@@ -28,7 +28,7 @@ from mlx_optim import Optimizers  # noqa: E402
 from shared import bpb, loop  # noqa: E402
 from shared.runlog import rss_peak_line  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
-from shared.segments import require_bos, segment_ids  # noqa: E402
+from shared.segments import check_bos_features, require_bos, segment_ids  # noqa: E402
 
 CUDA_TRAINER = str(Path(__file__).resolve().with_name("cuda_train.py"))  # what ships, hence what code_bytes counts
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -85,8 +85,7 @@ class MLXBackend:
     def build(self, cfg: Hyperparameters, weights: dict[str, np.ndarray], train: bool,
               bos_id: int | None = None) -> None:
         self.bos_id = bos_id  # the tokenizer's; shared/ builds BOS-aware inputs from it
-        if cfg.doc_isolated_attn:
-            require_bos(bos_id)  # fail before any compute
+        check_bos_features(cfg, bos_id)  # fail before any compute
         self.model = build_model(cfg, weights, self.dtype, bos_id=bos_id)
         self.opts = Optimizers(self.model, cfg, self.dtype) if train else None
         # per-segment attention reads the segments on the host (shapes from the data): it cannot be compiled

@@ -122,8 +122,11 @@ def segment_mask(segments: Tensor) -> Tensor:
 
 def varlen_segments(segments: Tensor) -> VarlenSegments:
     """cu_seqlens from shared/segments.py (one small device-to-host copy per forward, not per layer)."""
-    cu = cu_seqlens(segments.cpu().numpy(), bucket=CU_SEQLENS_BUCKET)
-    return VarlenSegments(torch.from_numpy(cu).to(segments.device), segments.size(1))
+    cu = torch.from_numpy(cu_seqlens(segments.cpu().numpy(), bucket=CU_SEQLENS_BUCKET)).to(segments.device)
+    # its length follows the batch's document count: dynamic, or torch.compile (dynamic=False) would trace a graph
+    # for every 64-entry bucket and looping state inside the timed run, and past 8 fall back to eager silently
+    torch._dynamo.mark_dynamic(cu, 0)
+    return VarlenSegments(cu, segments.size(1))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc: Tensor | VarlenSegments | None) -> Tensor:

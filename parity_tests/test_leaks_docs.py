@@ -259,3 +259,40 @@ def test_isolated_artifacts_score_the_same_in_the_other_framework(tiny_data, tmp
     trained = parse_final(run)
     scored = parse_final(run_script([str(ROOT / scorer), "--eval", env["ARTIFACT_PATH"]], env, tmp_path).stdout)
     assert abs(trained["val_bpb"] - scored["val_bpb"]) <= 1e-5, (trainer, trained, scorer, scored)
+
+
+def _traceable_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                      enable_gqa=False):
+    """varlen_attn's maths as one traceable masked SDPA over the packed tokens (a stand-in: the real kernel is CUDA)."""
+    n = query.size(0)
+    seg = torch.searchsorted(cu_seq_q, torch.arange(n, dtype=torch.int32, device=query.device), right=True)
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return y[0].transpose(0, 1)
+
+
+def test_varlen_path_compiles_once_per_looping_state_whatever_the_document_count(monkeypatch):
+    """cu_seqlens' length follows each batch's document count; torch.compile(dynamic=False) must not trace a new
+    graph per 64-entry bucket (inside the timed run, and past 8 graphs silently eager)."""
+    from torch._dynamo.testing import CompileCounter
+    monkeypatch.setattr(torch_model, "varlen_attn", _traceable_varlen)
+    monkeypatch.setattr(torch_model, "doc_attention_kernel", lambda device, dtype: "varlen_stand_in")
+    cfg = dataclasses.replace(Hyperparameters.from_env({"PRESET": "tiny_record"}), train_seq_len=128)
+    model = torch_model.build_model(cfg, "cpu", init_params(cfg), torch.float32, BOS_ID)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    rng = np.random.default_rng(0)
+    frames, lengths = [], set()
+    for bos_rate in (0.01, 0.3, 0.6, 0.01, 0.6):
+        x = rng.integers(2, cfg.vocab_size, size=(2, 128))
+        x[rng.random(x.shape) < bos_rate] = BOS_ID
+        seg = segment_ids(x, BOS_ID, 128)
+        lengths.add(len(torch_model.varlen_segments(torch.from_numpy(seg)).cu_seqlens))
+        for looping in (False, True):
+            model.set_looping(looping)
+            with torch.no_grad():
+                compiled(torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(seg))
+        frames.append(counter.frame_count)
+    assert len(lengths) >= 3, f"the batches must need different cu_seqlens lengths: {lengths}"
+    assert frames[1:] == frames[:1] * (len(frames) - 1), f"graphs traced per batch: {frames}"

@@ -260,3 +260,14 @@ def test_a_bos_never_takes_the_token_before_it(framework):
 @pytest.mark.parametrize("fake", [_smear_without_bos_mask, _smear_mask_on_previous_token])
 def test_the_bos_leak_check_fails_without_the_mask(fake):
     assert _bos_leak(fake, mx.array, np.array) > 0.1
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_backends_refuse_a_smear_gate_without_bos_before_any_compute(backend):
+    """build() checks, so a tokenizer without BOS fails at start, not in the first forward of the timed run."""
+    import cuda_train
+    import mlx_train
+    cfg = P.cfg_for("smear")
+    be = (cuda_train.TorchBackend if backend == "torch" else mlx_train.MLXBackend)(cfg)
+    with pytest.raises(ValueError, match="SMEAR_GATE_ENABLED=1 needs the tokenizer's BOS id.*TOKENIZER_PATH"):
+        be.build(cfg, init_params(cfg), train=True, bos_id=-1)

@@ -229,10 +229,11 @@ def prime(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog) -> Non
     if cfg.warmup_steps <= 0:
         return
     weights, slots, position, step = be.weights(), be.optimizer_slots(), st.loader.stream.state(), st.step
-    for i in range(cfg.warmup_steps):
-        be.set_looping(cfg.num_loops > 0 and i >= (cfg.warmup_steps + 1) // 2)
+    steps = max(cfg.warmup_steps, 2) if cfg.num_loops > 0 else cfg.warmup_steps  # at least one step per state
+    for i in range(steps):
+        be.set_looping(cfg.num_loops > 0 and i >= (steps + 1) // 2)
         one_step(be, st, cfg, 1.0)
-        log(f"warmup_step:{i + 1}/{cfg.warmup_steps}")
+        log(f"warmup_step:{i + 1}/{steps}")
     be.load_weights(weights)
     be.load_optimizer_slots(slots)
     st.loader.stream.restore(position)

@@ -16,12 +16,20 @@ import numpy as np
 CU_SEQLENS_BUCKET = 64  # the record pads cu_seqlens to a multiple of 64 entries: compiled kernels see few shapes
 
 
-def require_bos(bos_id: int | None) -> int:
-    """The BOS id that document isolation splits on; one line naming both knobs when the tokenizer has none."""
+def require_bos(bos_id: int | None, knob: str = "DOC_ISOLATED_ATTN") -> int:
+    """The BOS id a BOS-aware feature reads; one line naming the feature's knob and TOKENIZER_PATH when the
+    tokenizer has none."""
     if bos_id is None or bos_id < 0:
-        raise ValueError(f"DOC_ISOLATED_ATTN=1 splits rows at BOS, but the tokenizer at TOKENIZER_PATH has no BOS "
-                         f"id (got {bos_id})")
+        raise ValueError(f"{knob}=1 needs the tokenizer's BOS id, but the tokenizer at TOKENIZER_PATH has none "
+                         f"(got {bos_id})")
     return int(bos_id)
+
+
+def check_bos_features(cfg, bos_id: int | None) -> None:
+    """Before any compute: every enabled feature that reads BOS has one to read."""
+    for knob, on in (("DOC_ISOLATED_ATTN", cfg.doc_isolated_attn), ("SMEAR_GATE_ENABLED", cfg.smear_gate_enabled)):
+        if on:
+            require_bos(bos_id, knob)
 
 
 def segment_ids(x: np.ndarray, bos_id: int, max_len: int) -> np.ndarray:
