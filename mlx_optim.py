@@ -15,29 +15,38 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
-from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, group_wd, groups_of  # noqa: E402
+from shared.spec import (GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of,  # noqa: E402
+                         ns_coefficients)
 
 
-def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype) -> mx.array:
-    """Approximately orthogonalise g (Muon); quintic Newton-Schulz in `dtype`."""
-    a, b, c = NS_COEFFS
+def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype, ns: str = "quintic") -> mx.array:
+    """Approximately orthogonalise g (Muon) in `dtype`: Frobenius-normalise, then per iteration (a, b, c) of MUON_NS
+    (shared/spec.py), A = XX^T, X <- aX + (bA + cA^2)X, on the wide orientation (RECORD_STACK.md §5.3)."""
     x = g.astype(dtype)
     x = x / (mx.linalg.norm(x.astype(mx.float32)).astype(dtype) + NS_EPS)
     transposed = g.shape[0] > g.shape[1]
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(ns, steps):
         A = x @ x.T
         B = b * A + c * A @ A
         x = a * x + B @ x
     return x.T if transposed else x
 
 
+def row_normalize(g: mx.array) -> mx.array:
+    """MuonEq-R (RECORD_STACK.md §5.3): each row over max(||row||_2, 1e-7), in fp32 (the result stays fp32)."""
+    x = g.astype(mx.float32)
+    return x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=1, keepdims=True)), ROW_NORM_EPS)
+
+
 class Muon:
     """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)); W <- W*(1 - lr*wd) - lr*update."""
 
-    def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype, wd: float = 0.0):
+    def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype, wd: float = 0.0,
+                 ns: str = "quintic", row_normalize: bool = False):
         self.names, self.base_lr, self.lr, self.wd = names, lr, lr, wd
+        self.ns, self.row_normalize = ns, row_normalize
         self.momentum, self.backend_steps, self.ns_dtype = 0.0, backend_steps, ns_dtype
         self.state: dict[str, dict[str, mx.array]] = {}
 
@@ -46,7 +55,9 @@ class Muon:
             buf = self.state.setdefault(n, {}).get("momentum", mx.zeros_like(grads[n]))
             buf = buf * self.momentum + grads[n]
             g = grads[n] + self.momentum * buf  # Nesterov
-            g = zeropower_via_newtonschulz5(g, self.backend_steps, self.ns_dtype)
+            if self.row_normalize:
+                g = row_normalize(g)
+            g = zeropower_via_newtonschulz5(g, self.backend_steps, self.ns_dtype, self.ns)
             g = g * max(1.0, g.shape[0] / g.shape[1]) ** 0.5
             self.state[n]["momentum"] = buf
             params[n] = decay(params[n], self.lr, self.wd) - self.lr * g.astype(params[n].dtype)
@@ -88,7 +99,8 @@ class Optimizers:
         for g, names in groups_of([n for n, _ in tree_flatten(model.parameters())], cfg).items():
             lr = group_lr(g, cfg)
             if GROUP_OPTIMIZER[g] == "muon":
-                self.opts[g] = Muon(names, lr, cfg.muon_backend_steps, ns_dtype, group_wd(g, cfg))
+                self.opts[g] = Muon(names, lr, cfg.muon_backend_steps, ns_dtype, group_wd(g, cfg), cfg.muon_ns,
+                                    cfg.muon_row_normalize)
             else:
                 self.opts[g] = Adam(names, lr, cfg.beta1, cfg.beta2, cfg.adam_eps, group_wd(g, cfg))
 

@@ -12,23 +12,29 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.spec import GROUP_OPTIMIZER, NS_COEFFS, NS_EPS, group_lr, group_wd, groups_of
+from shared.spec import GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of, ns_coefficients
 from torch_model import to_numpy
 
 
-def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """Approximately orthogonalise g (Muon); quintic Newton-Schulz in `dtype`."""
-    a, b, c = NS_COEFFS
+def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype, ns: str = "quintic") -> Tensor:
+    """Approximately orthogonalise g (Muon) in `dtype`: Frobenius-normalise, then per iteration (a, b, c) of MUON_NS
+    (shared/spec.py), A = XX^T, X <- aX + (bA + cA^2)X, on the wide orientation (RECORD_STACK.md §5.3)."""
     x = g.to(dtype)
     x = x / (x.norm() + NS_EPS)
     transposed = g.size(0) > g.size(1)
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for a, b, c in ns_coefficients(ns, steps):
         A = x @ x.T
         B = b * A + c * A @ A
         x = a * x + B @ x
     return x.T if transposed else x
+
+
+def row_normalize(g: Tensor) -> Tensor:
+    """MuonEq-R (RECORD_STACK.md §5.3): each row over max(||row||_2, 1e-7), in fp32 (the result stays fp32)."""
+    x = g.float()
+    return x / torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True).clamp_min(ROW_NORM_EPS)
 
 
 def _world_rank() -> tuple[int, int]:
@@ -45,10 +51,11 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
-                 compile_ns: bool = False, weight_decay: float = 0.0):
+                 compile_ns: bool = False, weight_decay: float = 0.0, ns: str = "quintic",
+                 row_normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay))
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.ns, self.row_normalize = ns_dtype, ns, row_normalize
         self.index = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
         self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
 
@@ -84,7 +91,9 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(p.grad)
         g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
+        if self.row_normalize:
+            g = row_normalize(g)
+        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype, self.ns)
         return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
 
@@ -100,7 +109,8 @@ class Optimizers:
             params, lr = [self.params[n] for n in names], group_lr(g, cfg)
             if GROUP_OPTIMIZER[g] == "muon":
                 self.opts[g] = Muon(params, lr, cfg.muon_momentum, cfg.muon_backend_steps, ns_dtype,
-                                    fused and cfg.torch_compile, group_wd(g, cfg))
+                                    fused and cfg.torch_compile, group_wd(g, cfg), cfg.muon_ns,
+                                    cfg.muon_row_normalize)
             else:
                 self.opts[g] = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                                 fused=fused)

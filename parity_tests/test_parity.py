@@ -157,9 +157,16 @@ def test_gradients_agree(variant, ops):
 WEIGHT_DECAY = {"muon_wd": 0.3, "embed_wd": 0.2, "adam_wd": 0.1}
 
 
+# The record's orthogonalisation (RECORD_STACK.md §5.3): Polar Express tuples, MuonEq-R row normalisation, both.
+POLAR = {"muon_ns": "polar_express"}
+ROW_NORM = {"muon_row_normalize": True}
+
+
 @pytest.mark.parametrize("variant,decay", [("tied_gqa", {}), ("untied", {}), ("tied_gqa", WEIGHT_DECAY),
-                                           ("untied", WEIGHT_DECAY)], ids=["tied_gqa", "untied", "tied_gqa_wd",
-                                                                            "untied_wd"])
+                                           ("untied", WEIGHT_DECAY), ("tied_gqa", POLAR), ("untied", ROW_NORM),
+                                           ("untied", dict(POLAR, **ROW_NORM, **WEIGHT_DECAY))],
+                         ids=["tied_gqa", "untied", "tied_gqa_wd", "untied_wd", "tied_gqa_polar", "untied_rownorm",
+                              "untied_polar_rownorm_wd"])
 def test_muon_and_adam_steps_agree(variant, decay):
     cfg = dataclasses.replace(cfg_for(variant), grad_clip_norm=0.5, **decay)  # clipping on: random grads are large
     state = C.random_state(cfg, seed=4)

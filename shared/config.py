@@ -25,6 +25,7 @@ MICRO_BATCHES_PER_STEP = 8
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 MLP_ACTS = ("relu2", "leaky_relu2")
+MUON_NS_KINDS = ("quintic", "polar_express")  # coefficients in shared/spec.py
 _SAFE_ID = re.compile(r"([^./\x00][^/\x00]*)?")  # "" = unset (a fresh id at start)
 
 
@@ -91,6 +92,10 @@ class Hyperparameters:
     muon_wd: float = _f(0.0, "train")  # the Muon (matrix) group
     embed_wd: float = _f(0.0, "train")  # the token embedding (Adam "tok" group)
     adam_wd: float = _f(0.0, "train")  # the Adam "scalar" group (an untied head gets no decay, as in the record's code)
+    # Muon's orthogonalisation (RECORD_STACK.md §5.3): quintic = the baseline's fixed (3.4445, -4.7750, 2.0315)
+    # Newton-Schulz; polar_express = the record's per-iteration tuples (shared/spec.py; past 5 steps the last repeats).
+    muon_ns: str = _f("quintic", "train")
+    muon_row_normalize: bool = _f(False, "train")  # MuonEq-R: each update row to unit L2 norm (fp32) before it
     # Knobs of the record stack (RECORD_STACK.md §3); their defaults are the baseline's network.
     mlp_act: str = _f("relu2", "model")  # relu2: relu(h)^2 | leaky_relu2: leaky_relu(h, MLP_LEAKY_SLOPE)^2
     mlp_leaky_slope: float = _f(0.5, "model")  # read only by MLP_ACT=leaky_relu2
@@ -171,6 +176,7 @@ class Hyperparameters:
         _require(self.model_dim % self.num_heads == 0, "model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
         _require(self.head_dim % 2 == 0, "model_dim", f"gives odd head dim {self.head_dim}; RoPE needs it even")
         _require(self.mlp_act in MLP_ACTS, "mlp_act", f"must be one of {MLP_ACTS}")
+        _require(self.muon_ns in MUON_NS_KINDS, "muon_ns", f"must be one of {MUON_NS_KINDS}")
         _require(self.mlp_leaky_slope >= 0, "mlp_leaky_slope", "must be >= 0")
         _require(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "rope_dims",
                  f"must be even and in [0, head dim {self.head_dim}] (0 = all)")
@@ -311,7 +317,8 @@ PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8
                          # the record's optimizer (RECORD_STACK.md §5.2-§5.4)
                          matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97,
                          muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, beta2=0.99,
-                         grad_clip_norm=0.3, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02)
+                         grad_clip_norm=0.3, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
+                         muon_ns="polar_express", muon_row_normalize=True)
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.config import MICRO_BATCHES_PER_STEP, Hyperparameters
+from shared.config import MICRO_BATCHES_PER_STEP, MUON_NS_KINDS, Hyperparameters
 
 # Optimizer groups (as the official baseline splits them) and the optimizer state each keeps.
 GROUP_OPTIMIZER = {"tok": "adam", "head": "adam", "scalar": "adam", "matrix": "muon"}
@@ -34,6 +34,29 @@ INIT_RULES = ("normal", "zeros", "ones", "const", "resid_mix", "linear_uniform",
 # as in the official baseline): 5 steps push singular values into about [0.7, 1.2].
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+# Polar Express (Amsel, Persson, Musco, Gower 2025, "The Polar Express: Optimal Matrix Sign Methods and Their
+# Application to the Muon Algorithm"), one (a, b, c) per iteration, as used by the modded-nanogpt speedruns and
+# the parameter-golf records (RECORD_STACK.md §5.3): each step is the minimax-optimal odd quintic for the interval
+# the previous steps leave the singular values in, so 5 steps land much closer to 1 than the fixed quintic.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+ROW_NORM_EPS = 1e-7  # MuonEq-R: each row divided by max(||row||_2, ROW_NORM_EPS)
+
+
+def ns_coefficients(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of `steps` iterations (MUON_NS). Polar Express with fewer than its 5 steps runs the
+    first ones; with more it repeats the last tuple (the paper's reference code does the same)."""
+    if kind == "quintic":
+        return (NS_COEFFS,) * steps
+    if kind == "polar_express":
+        pe = POLAR_EXPRESS_COEFFS
+        return pe[:steps] + (pe[-1],) * max(0, steps - len(pe))
+    raise ValueError(f"MUON_NS={kind!r} must be one of {MUON_NS_KINDS}")
 
 
 @dataclass(frozen=True)

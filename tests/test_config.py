@@ -73,6 +73,8 @@ def test_env_names_override_and_preset_keeps_official_names():
     ({"MUON_WD": "-0.1"}, "MUON_WD"),
     ({"EMBED_WD": "-0.1"}, "EMBED_WD"),
     ({"ADAM_WD": "-1e-9"}, "ADAM_WD"),
+    ({"MUON_NS": "newton_schulz"}, "MUON_NS must be one of"),
+    ({"MUON_ROW_NORMALIZE": "2"}, "MUON_ROW_NORMALIZE"),
     ({"PARALLEL_START_LAYER": "3"}, "PARALLEL_START_LAYER"),  # layer 3 is in the encoder [0..3]
     # looped [0,1,2,3,4,5,3,4,5] | [3,4,5,6,7,8, ...]: layer 4 runs, then 3 again, inside the lanes
     ({"PARALLEL_START_LAYER": "4", "NUM_LOOPS": "2"}, "PARALLEL_START_LAYER.*looped schedule"),
@@ -86,7 +88,7 @@ def test_bad_values_name_the_variable(env, name):
     {"RUN_ID": ""}, {"RUN_ID": "run-1.b_2"}, {"MATRIX_LR": "0"}, {"SEED": "0"}, {"SEED": str(2**32 - 1)},
     {"ARTIFACT_PATH": "out/a.int8.zst"}, {"ADAM_EPS": "1e-12"},
     {"MLP_MULT": "1.5"}, {"MLP_MULT": "4"}, {"MLP_ACT": "leaky_relu2"}, {"ROPE_DIMS": "16"}, {"ROPE_DIMS": "64"},
-    {"LN_SCALE": "1"},
+    {"LN_SCALE": "1"}, {"MUON_NS": "polar_express"}, {"MUON_NS": "quintic"}, {"MUON_ROW_NORMALIZE": "1"},
     {"XSA_LAST_N": "9"}, {"XSA_LAST_N": "1"}, {"SKIP_GATES_ENABLED": "1"},
     {"NUM_LOOPS": "1"}, {"ENABLE_LOOPING_AT": "0"}, {"ENABLE_LOOPING_AT": "1"}, {"PARALLEL_START_LAYER": "8"},
     {"PARALLEL_START_LAYER": "4"}, {"LOOP_END": "99"},  # LOOP_* are read only when NUM_LOOPS > 0

@@ -232,3 +232,15 @@ def test_record_parameter_count_is_the_records_less_the_never_read_lane_rows():
     assert sum(names.values()) == 35_945_671 - 48 == 35_945_623
     assert names["parallel_post_lambdas"] + names["parallel_resid_lambdas"] == 3 * 6
     assert names["smear_gate.weight"] + names["smear_lambda"] == 13 and names["blocks.10.attn.attn_gate_w"] == 96
+
+
+def test_ns_coefficients_per_kind_and_step_count():
+    from shared.spec import NS_COEFFS, POLAR_EXPRESS_COEFFS, ns_coefficients
+    assert ns_coefficients("quintic", 5) == (NS_COEFFS,) * 5 and NS_COEFFS == (3.4445, -4.7750, 2.0315)
+    assert ns_coefficients("polar_express", 5) == POLAR_EXPRESS_COEFFS and len(set(POLAR_EXPRESS_COEFFS)) == 5
+    assert POLAR_EXPRESS_COEFFS[0] == (8.156554524902461, -22.48329292557795, 15.878769915207462)  # §5.3, first
+    assert POLAR_EXPRESS_COEFFS[-1] == (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)  # and last
+    assert ns_coefficients("polar_express", 3) == POLAR_EXPRESS_COEFFS[:3]  # fewer steps: the first ones
+    assert ns_coefficients("polar_express", 7) == POLAR_EXPRESS_COEFFS + (POLAR_EXPRESS_COEFFS[-1],) * 2  # more
+    with pytest.raises(ValueError, match="MUON_NS"):
+        ns_coefficients("cubic", 5)
