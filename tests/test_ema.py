@@ -130,8 +130,8 @@ def test_a_resumed_run_ends_on_the_same_ema(tiny_data, tmp_path, name):
 
 
 def _close(a: dict, b: dict, what: str, rtol: float, atol: float) -> None:
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=atol, err_msg=f"{what} {k}")
+    for k, want in a.items():
+        np.testing.assert_allclose(b[k], want, rtol=rtol, atol=atol, err_msg=f"{what} {k}")
 
 
 def test_a_torch_checkpoint_with_ema_resumes_in_mlx(tiny_data, tmp_path):
