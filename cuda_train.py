@@ -26,7 +26,7 @@ from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
 from shared.segments import check_bos_features, require_bos, segment_ids
 from shared.spec import micro_batch_tokens
-from torch_model import build_model, doc_attention_kernel, load_numpy_state, numpy_state
+from torch_model import build_model, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
 from torch_optim import Optimizers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,6 +102,23 @@ class TorchBackend:
 
     def load_optimizer_slots(self, slots: dict) -> None:
         self.opts.load_slots(slots)
+
+    # -- EMA of the weights (RECORD_STACK.md §5.6): an fp32 shadow on the device, no host copy per step --
+    def load_ema(self, weights: dict[str, np.ndarray]) -> None:
+        params = dict(self.model.named_parameters())
+        self.ema = {k: torch.from_numpy(np.array(weights[k], dtype=np.float32)).to(self.device) for k in params}
+        self._ema_pairs = ([self.ema[k] for k in params], [p.detach() for p in params.values()])
+
+    def ema_update(self, decay: float) -> None:
+        """shared.schedule.ema_step, bit for bit: d*ema and (1-d)*w each rounded in fp32, then summed (foreach
+        kernels: a few launches for all tensors; no lerp, which rounds differently)."""
+        shadow, live = self._ema_pairs
+        with torch.no_grad():
+            torch._foreach_mul_(shadow, decay)
+            torch._foreach_add_(shadow, torch._foreach_mul(live, 1.0 - decay))
+
+    def ema_weights(self) -> dict[str, np.ndarray]:
+        return {k: to_numpy(v) for k, v in self.ema.items()}
 
     def set_looping(self, on: bool) -> None:
         """Depth recurrence on/off (RECORD_STACK.md §3.2). torch.compile guards on the model's flag (a bool

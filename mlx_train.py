@@ -132,6 +132,23 @@ class MLXBackend:
     def load_optimizer_slots(self, slots: dict) -> None:
         self.opts.load_slots(slots)
 
+    # -- EMA of the weights (RECORD_STACK.md §5.6): an fp32 shadow, the twin of cuda_train.py's --
+    def load_ema(self, weights: dict[str, np.ndarray]) -> None:
+        names = [k for k, _ in tree_flatten(self.model.parameters())]
+        self.ema = {k: mx.array(np.array(weights[k], dtype=np.float32)) for k in names}
+        mx.eval(self.ema)
+
+    def ema_update(self, decay: float) -> None:
+        """shared.schedule.ema_step, bit for bit: d*ema and (1-d)*w each rounded in fp32, then summed (uncompiled
+        ops: nothing fuses them into a multiply-add)."""
+        live = dict(tree_flatten(self.model.parameters()))
+        d, rest = mx.array(decay, dtype=mx.float32), mx.array(1.0 - decay, dtype=mx.float32)
+        self.ema = {k: d * e + rest * live[k].astype(mx.float32) for k, e in self.ema.items()}
+        mx.eval(self.ema)
+
+    def ema_weights(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in self.ema.items()}
+
     # -- compute --
     def train_step(self, micro_batches: list, lr_scale: float, momentum: float) -> float:
         """One optimizer step over the 8 slots, each in chunks; returns the mean train loss.

@@ -2,15 +2,16 @@
 
 Tensors: "param:{name}" (fp32 weights) and "opt:{name}:{slot}" (the slots of the
 parameter's optimizer in shared/spec.py: Muon "momentum"; Adam "m", "v",
-"step"); metadata: step, data position, elapsed training time, a fingerprint of
-the data and tokenizer, the config, and payload_sha256 over all of it. The same
-names in both trainers, so a run can resume in either. No RNG state: after the
+"step") and, with EMA_DECAY > 0, "ema:{name}" (the fp32 EMA shadow); metadata:
+step, data position, elapsed training time, a fingerprint of the data and
+tokenizer, the config, and payload_sha256 over all of it. The same names in
+both trainers, so a run can resume in either. No RNG state: after the
 numpy init from SEED, training draws no random numbers (no dropout, fixed data
 order). Written atomically, so a crash mid-write keeps the previous checkpoint.
 
-    tensors = pack(weights, slots)
+    tensors = pack(weights, slots, ema)                   # ema: None when EMA_DECAY=0
     save_checkpoint(path, cfg, tensors, meta)
-    weights, slots, meta = load_checkpoint(path, cfg)     # every check named, nothing silently zeroed
+    weights, slots, meta, ema = load_checkpoint(path, cfg)  # every check named, nothing silently zeroed
 """
 from __future__ import annotations
 
@@ -33,19 +34,24 @@ META_KEYS = ("step", "train_ms", "data", "fingerprint", "backend")
 Slots = dict[str, dict[str, np.ndarray]]  # parameter name -> slot name -> array
 
 
-def pack(weights: dict[str, np.ndarray], slots: Slots) -> dict[str, np.ndarray]:
+def pack(weights: dict[str, np.ndarray], slots: Slots,
+         ema: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     tensors = {f"param:{k}": v for k, v in weights.items()}
+    tensors.update({f"ema:{k}": v for k, v in (ema or {}).items()})
     for name, by_slot in slots.items():
         tensors.update({f"opt:{name}:{slot}": v for slot, v in by_slot.items()})
     return tensors
 
 
-def unpack(tensors: dict[str, np.ndarray], cfg: Hyperparameters, origin: str) -> tuple[dict[str, np.ndarray], Slots]:
-    """Weights and optimizer slots, checked against the parameter table: a missing, extra or
-    misshapen entry is a ValueError naming it."""
+def unpack(tensors: dict[str, np.ndarray], cfg: Hyperparameters,
+           origin: str) -> tuple[dict[str, np.ndarray], Slots, dict[str, np.ndarray] | None]:
+    """Weights, optimizer slots and the EMA shadow (None when EMA_DECAY=0), checked against the parameter table:
+    a missing, extra or misshapen entry is a ValueError naming it."""
     expected = {}
     for p in param_table(cfg):
         expected[f"param:{p.name}"] = p.shape
+        if cfg.ema_decay > 0:
+            expected[f"ema:{p.name}"] = p.shape
         for slot in optimizer_slots(p):
             expected[f"opt:{p.name}:{slot}"] = (1,) if slot == "step" else p.shape
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -55,12 +61,13 @@ def unpack(tensors: dict[str, np.ndarray], cfg: Hyperparameters, origin: str) ->
         if tuple(tensors[key].shape) != tuple(shape):
             raise ValueError(f"{origin}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("param:")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema:")} if cfg.ema_decay > 0 else None
     slots: Slots = {}
     for key, v in tensors.items():
         if key.startswith("opt:"):
             name, slot = key[4:].rsplit(":", 1)
             slots.setdefault(name, {})[slot] = v
-    return weights, slots
+    return weights, slots, ema
 
 
 def save_checkpoint(path: str | os.PathLike, cfg: Hyperparameters, tensors: dict[str, np.ndarray], meta: dict) -> None:
@@ -74,8 +81,10 @@ def save_checkpoint(path: str | os.PathLike, cfg: Hyperparameters, tensors: dict
     atomic_write_bytes(path, st_save(payload, metadata=metadata))
 
 
-def load_checkpoint(path: str | os.PathLike, cfg: Hyperparameters) -> tuple[dict[str, np.ndarray], Slots, dict]:
-    """Weights, optimizer slots and meta; ValueError if corrupt or made under an incompatible config."""
+def load_checkpoint(path: str | os.PathLike,
+                    cfg: Hyperparameters) -> tuple[dict[str, np.ndarray], Slots, dict, dict[str, np.ndarray] | None]:
+    """Weights, optimizer slots, meta and the EMA shadow (None when EMA_DECAY=0); ValueError if corrupt or made
+    under an incompatible config (EMA_DECAY is a training knob: a resume keeps it, so the entries match)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -93,8 +102,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: Hyperparameters) -> tuple[dict
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"checkpoint {path}: metadata lacks {missing}")
-    weights, slots = unpack(tensors, cfg, f"checkpoint {path}")
-    return weights, slots, meta
+    weights, slots, ema = unpack(tensors, cfg, f"checkpoint {path}")
+    return weights, slots, meta, ema
 
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict]:

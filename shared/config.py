@@ -96,6 +96,9 @@ class Hyperparameters:
     # Newton-Schulz; polar_express = the record's per-iteration tuples (shared/spec.py; past 5 steps the last repeats).
     muon_ns: str = _f("quintic", "train")
     muon_row_normalize: bool = _f(False, "train")  # MuonEq-R: each update row to unit L2 norm (fp32) before it
+    # EMA of the weights (RECORD_STACK.md §5.6): fp32 shadow, ema <- d*ema + (1-d)*w after every step; exported
+    # and scored instead of the live weights. 0 = off.
+    ema_decay: float = _f(0.0, "train")
     # Knobs of the record stack (RECORD_STACK.md §3); their defaults are the baseline's network.
     mlp_act: str = _f("relu2", "model")  # relu2: relu(h)^2 | leaky_relu2: leaky_relu(h, MLP_LEAKY_SLOPE)^2
     mlp_leaky_slope: float = _f(0.5, "model")  # read only by MLP_ACT=leaky_relu2
@@ -202,6 +205,7 @@ class Hyperparameters:
         self._validate_schedule()
         for name in ("muon_wd", "embed_wd", "adam_wd"):
             _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative decay grows the weights)")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off; 1 would never move)")
         _require(self.adam_eps > 0, "adam_eps", "must be > 0 (0 divides by zero where a gradient is 0)")
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         _require(_SAFE_ID.fullmatch(self.run_id) is not None, "run_id",
@@ -318,7 +322,8 @@ PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8
                          matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97,
                          muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, beta2=0.99,
                          grad_clip_norm=0.3, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
-                         muon_ns="polar_express", muon_row_normalize=True)
+                         muon_ns="polar_express", muon_row_normalize=True,
+                         ema_decay=0.9965)  # §5.6
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.
@@ -334,9 +339,11 @@ PRESETS["mac"] = dict(RECORD_MODEL, model_dim=256, num_heads=4, num_kv_heads=2,
                       warmdown_frac=0.85, min_lr=0.10, muon_momentum_warmup_steps=100)
 # CI size with every record feature on, on the demo data: 6 layers of width 64 (head dim 16, RoPE on 8 of it),
 # layers 2..3 looped twice more (10 applications: [0,1,2,3,2] | [3,2,3,4,5]), lanes on layers 4..5.
+# EMA 0.95: a 1/(1-d) = 20-step window, 7% of the 300 steps as the record's 286 steps are 6% of its ~4,900, and
+# 0.95**300 leaves nothing of the initial weights (0.99 would leave 5% of them in the export).
 PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
     RECORD_MODEL, vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-    xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4))
+    xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4), ema_decay=0.95)
 
 
 def preset(name: str) -> Hyperparameters:

@@ -43,6 +43,10 @@ class Backend(Protocol):
     def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
     def optimizer_slots(self) -> Slots: ...  # collective; copies of every slot (zeros before a step)
     def load_optimizer_slots(self, slots: Slots) -> None: ...
+    # EMA of the weights (EMA_DECAY > 0 only): an fp32 shadow kept on the device, so a step costs no host copy
+    def load_ema(self, weights: dict[str, np.ndarray]) -> None: ...  # (re)sets the shadow to these values
+    def ema_update(self, decay: float) -> None: ...  # shadow <- shared.schedule.ema_step(shadow, weights, decay)
+    def ema_weights(self) -> dict[str, np.ndarray]: ...  # fp32 numpy copies of the shadow
     def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], lr_scale: float,
                    momentum: float) -> float: ...  # collective; the global mean loss
     def evaluate(self, data: bpb.EvalData, log: Callable | None) -> bpb.BpbAccumulator: ...  # collective
@@ -95,12 +99,16 @@ def train(make_backend: Callable[[Hyperparameters], Backend], files: tuple[str, 
     fingerprint = {"tokenizer_sha256": tokenizer_sha, "train_shards": st.loader.stream.fingerprint()}
     be.build(cfg, init_params(cfg), train=True, bos_id=data.bos_id)
     log(f"model_params:{count_params(cfg)}")  # as the official script prints it
+    if cfg.ema_decay > 0:
+        be.load_ema(be.weights())  # from the initial weights; a resume overwrites it with the checkpoint's
     if resume:
         restore(be, st, cfg, resume, fingerprint)
         log(f"resumed:{resume} step:{st.step}")
     prime(be, st, cfg, log)
-    run_training(be, st, cfg, log, data, fingerprint)
+    live = run_training(be, st, cfg, log, data, fingerprint)
     log(be.peak_memory_line())
+    if cfg.ema_decay > 0:
+        swap_in_ema(be, cfg, data, log, live)
     path = export(be, cfg, tokenizer_sha)
     score_artifact(be, path, cfg, data, log, files[1])
     be.finish()
@@ -148,10 +156,11 @@ def check_output_path(path: str, var: str) -> None:
 
 # ---- training ----
 def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog, data: bpb.EvalData,
-                 fingerprint: dict) -> None:
+                 fingerprint: dict) -> bpb.BpbAccumulator:
     """The official loop: validate on schedule, step, log, checkpoint, stop at ITERATIONS or the wallclock cap.
 
-    train_ms counts only training: validation and checkpoint writes are excluded.
+    train_ms counts only training: validation and checkpoint writes are excluded. Returns the last
+    validation (the live weights at the stop).
     """
     stop_after = st.step if over_cap(be, cfg, st.train_ms) else None  # resumed at the cap: no extra step
     last_ckpt, was_looping = None, False
@@ -170,7 +179,7 @@ def run_training(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog,
         if last:
             if stop_after is not None and st.step < cfg.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{st.train_ms:.0f}ms step:{st.step}/{cfg.iterations}")
-            return
+            return acc
         lr_scale, looping = step_schedules(be, cfg, st.step, st.train_ms + 1000.0 * (time.perf_counter() - t0))
         if looping != was_looping:
             log(f"looping:{'on' if looping else 'off'} step:{st.step}")
@@ -205,10 +214,13 @@ def step_schedules(be: Backend, cfg: Hyperparameters, step: int, elapsed_ms: flo
 
 
 def one_step(be: Backend, st: TrainState, cfg: Hyperparameters, lr_scale: float) -> float:
-    """The step's 8/WORLD_SIZE micro-batches from the shared schedule, one optimizer step."""
+    """The step's 8/WORLD_SIZE micro-batches from the shared schedule, one optimizer step, then the EMA update
+    (after the step: the shadow averages the weights each step produced, §5.6)."""
     micro = [st.loader.next_micro_batch(cfg.train_batch_tokens, cfg.train_seq_len)
              for _ in range(st.loader.grad_accum_steps)]
     loss = be.train_step(micro, lr_scale, muon_momentum(cfg, st.step))
+    if cfg.ema_decay > 0:
+        be.ema_update(cfg.ema_decay)
     st.step += 1
     return loss
 
@@ -229,6 +241,7 @@ def prime(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog) -> Non
     if cfg.warmup_steps <= 0:
         return
     weights, slots, position, step = be.weights(), be.optimizer_slots(), st.loader.stream.state(), st.step
+    ema = be.ema_weights() if cfg.ema_decay > 0 else None
     steps = max(cfg.warmup_steps, 2) if cfg.num_loops > 0 else cfg.warmup_steps  # at least one step per state
     for i in range(steps):
         be.set_looping(cfg.num_loops > 0 and i >= (steps + 1) // 2)
@@ -236,13 +249,16 @@ def prime(be: Backend, st: TrainState, cfg: Hyperparameters, log: RunLog) -> Non
         log(f"warmup_step:{i + 1}/{steps}")
     be.load_weights(weights)
     be.load_optimizer_slots(slots)
+    if ema is not None:
+        be.load_ema(ema)
     st.loader.stream.restore(position)
     st.step = step
 
 
 # ---- checkpoints ----
 def save(be: Backend, st: TrainState, cfg: Hyperparameters, path: str, fingerprint: dict, log: RunLog) -> None:
-    tensors = pack(be.weights(), be.optimizer_slots())  # collective: every rank takes part
+    ema = be.ema_weights() if cfg.ema_decay > 0 else None
+    tensors = pack(be.weights(), be.optimizer_slots(), ema)  # collective: every rank takes part
     meta = {"step": st.step, "train_ms": st.train_ms, "data": st.loader.stream.state(), "fingerprint": fingerprint,
             "backend": type(be).__name__}
     on_rank0(be, lambda: save_checkpoint(path, cfg, tensors, meta), f"checkpoint {path}")
@@ -250,7 +266,7 @@ def save(be: Backend, st: TrainState, cfg: Hyperparameters, path: str, fingerpri
 
 
 def restore(be: Backend, st: TrainState, cfg: Hyperparameters, path: str, fingerprint: dict) -> None:
-    weights, slots, meta = load_checkpoint(path, cfg)
+    weights, slots, meta, ema = load_checkpoint(path, cfg)
     check_fingerprint(path, meta["fingerprint"], fingerprint)
     try:
         st.loader.stream.restore(meta["data"])
@@ -258,6 +274,8 @@ def restore(be: Backend, st: TrainState, cfg: Hyperparameters, path: str, finger
         raise ValueError(f"checkpoint {path}: {exc}") from None
     be.load_weights(weights)
     be.load_optimizer_slots(slots)
+    if ema is not None:
+        be.load_ema(ema)
     st.step, st.train_ms = int(meta["step"]), float(meta["train_ms"])
 
 
@@ -274,6 +292,16 @@ def on_rank0(be: Backend, write: Callable[[], None], what: str) -> None:
 
 
 # ---- export and scoring ----
+def swap_in_ema(be: Backend, cfg: Hyperparameters, data: bpb.EvalData, log: RunLog, live: bpb.BpbAccumulator) -> None:
+    """Put the EMA shadow into the model for everything after training (export, score), logging the live
+    weights' last validation next to the EMA weights' (the record's log shows both, §5.6)."""
+    log(f"val_live val_loss:{live.val_loss:.4f} val_bpb:{live.val_bpb:.4f}")
+    be.load_weights(be.ema_weights())
+    be.set_looping(cfg.num_loops > 0)  # scored as every validation is
+    acc = be.evaluate(data, None)
+    log(f"val_ema val_loss:{acc.val_loss:.4f} val_bpb:{acc.val_bpb:.4f} decay:{cfg.ema_decay}")
+
+
 def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str) -> str:
     path = cfg.resolved_artifact_path()
     weights = be.weights()

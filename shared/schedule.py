@@ -1,6 +1,8 @@
 """Schedules both trainers apply: pure functions of the config, the step and the elapsed time."""
 from __future__ import annotations
 
+import numpy as np
+
 from shared.config import Hyperparameters
 
 
@@ -81,3 +83,12 @@ def should_log_train(cfg: Hyperparameters, step: int, stopping: bool) -> bool:
 
 def should_checkpoint(cfg: Hyperparameters, step: int) -> bool:
     return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+
+
+def ema_step(ema: np.ndarray, theta: np.ndarray, decay: float) -> np.ndarray:
+    """One EMA update of the weights (RECORD_STACK.md §5.6), the numpy reference both trainers match bit for bit:
+    d*ema + (1-d)*theta in fp32, in that order, with d and 1-d (computed in float64) each rounded to fp32 once.
+    Two products and one sum, each rounded: no fused multiply-add, no lerp (ema + (1-d)*(theta-ema) rounds
+    differently)."""
+    d, rest = np.float32(decay), np.float32(1.0 - decay)
+    return d * ema.astype(np.float32) + rest * theta.astype(np.float32)

@@ -41,7 +41,7 @@ def test_round_trip_is_exact(tmp_path):
     assert "opt:tok_emb.weight:m" in tensors and "opt:blocks.0.attn.c_q.weight:momentum" in tensors
     assert tensors["opt:tok_emb.weight:step"].dtype == np.float64
     path = _save(tmp_path, tensors)
-    got_w, got_s, meta = load_checkpoint(path, CFG)
+    got_w, got_s, meta, _ = load_checkpoint(path, CFG)
     assert meta == META and set(meta) >= {"step", "train_ms", "data", "fingerprint", "backend"}
     assert set(got_w) == set(weights) and set(got_s) == set(slots)
     for name, w in weights.items():
@@ -142,7 +142,7 @@ def test_a_train_or_model_change_is_refused_by_name(tmp_path, env, name):
                                      dict(compute_dtype="bfloat16"), dict(checkpoint_every=5)])
 def test_run_eval_and_backend_changes_are_allowed(tmp_path, changes):
     path = _save(tmp_path)
-    weights, _, meta = load_checkpoint(path, dataclasses.replace(CFG, **changes))
+    weights, _, meta, _ = load_checkpoint(path, dataclasses.replace(CFG, **changes))
     assert meta == META and set(weights) == {p.name for p in param_table(CFG)}
 
 
