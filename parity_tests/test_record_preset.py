@@ -14,7 +14,7 @@ from shared.runlog import parse_final, parse_train_losses  # noqa: E402
 
 def _record_env(tiny_data, tmp_path, **overrides) -> dict:
     """PRESET=tiny_record's network on the tiny test data: 6 layers, loops switching on at step 3 of 8."""
-    env = tiny_env(tiny_data, tmp_path, PRESET="tiny_record", ITERATIONS=8, WARMUP_STEPS=2, **overrides)
+    env = tiny_env(tiny_data, tmp_path, **{"PRESET": "tiny_record", "ITERATIONS": 8, "WARMUP_STEPS": 2, **overrides})
     cfg = Hyperparameters.from_env(env)
     assert cfg.num_loops and cfg.doc_isolated_attn and cfg.smear_gate_enabled and cfg.parallel_start_layer
     return env
@@ -34,3 +34,28 @@ def test_every_feature_on_trains_alike_and_each_trainer_scores_the_others_artifa
     for trained, env, scorer in ((out_m, env_m, "cuda_train.py"), (out_t, env_t, "mlx_train.py")):
         scored = run_script([str(ROOT / scorer), "--eval", env["ARTIFACT_PATH"]], env, tmp_path).stdout
         assert abs(parse_final(trained)["val_bpb"] - parse_final(scored)["val_bpb"]) <= 1e-5, (scorer, scored)
+
+
+# Every optimizer feature of the record (RECORD_STACK.md §5), on the tiny record network.
+RECORD_OPTIMIZER = dict(MUON_NS="polar_express", MUON_ROW_NORMALIZE=1, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02,
+                        GRAD_CLIP_NORM=0.3, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR=0.1, EMA_DECAY=0.95)
+
+
+def test_twenty_steps_with_every_optimizer_feature_agree_across_trainers_and_world_sizes(tiny_data, tmp_path):
+    """MLX, torch in one process (8 accumulation slots) and torchrun with 2 ranks (4 each): the same losses step
+    for step (logged at 4 decimals), and the same final score of the exported EMA weights."""
+    env = _record_env(tiny_data, tmp_path, ITERATIONS=20, **RECORD_OPTIMIZER)
+    runs = {}
+    for name, args, ranks in (("mlx", ["mlx_train.py"], 0), ("torch", ["cuda_train.py"], 0),
+                              ("torchrun2", ["cuda_train.py"], 2)):
+        run_env = dict(env, ARTIFACT_PATH=str(tmp_path / f"{name}.int8.zst"), RUN_ID=f"opt_{name}")
+        out = run_script([str(ROOT / args[0])], run_env, tmp_path, torchrun=ranks).stdout
+        assert "val_ema" in out and "looping:on step:" in out, out[-2000:]
+        runs[name] = out
+    losses = {name: parse_train_losses(out) for name, out in runs.items()}
+    assert all(sorted(lo) == list(range(1, 21)) for lo in losses.values())
+    for step in range(1, 21):
+        seen = {name: lo[step] for name, lo in losses.items()}
+        assert max(seen.values()) - min(seen.values()) <= 2e-4, f"step {step}: {seen}"
+    finals = {name: parse_final(out)["val_bpb"] for name, out in runs.items()}
+    assert max(finals.values()) - min(finals.values()) <= 1e-4, finals
