@@ -163,7 +163,7 @@ class TorchBackend:
         self.model.eval()
         mine = bpb.shard_windows(data.windows, self.rank, self.world_size)
         batch = bpb.windows_per_batch(self.cfg.val_batch_size, self.cfg.train_seq_len)
-        acc = bpb.evaluate(score, data.tokens, mine, self.cfg.train_seq_len, data.tables, batch,
+        acc = bpb.evaluate(score, data.tokens, mine, self.cfg.train_seq_len, data.target_bytes, batch,
                            reduce_fn=self._all_reduce_sum, progress=bpb.progress_logger(log))
         self.model.train()
         return acc

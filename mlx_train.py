@@ -191,7 +191,7 @@ class MLXBackend:
             return np.concatenate(parts)
 
         batch = bpb.windows_per_batch(self.cfg.val_batch_size, self.cfg.train_seq_len)
-        return bpb.evaluate(score, data.tokens, data.windows, self.cfg.train_seq_len, data.tables, batch,
+        return bpb.evaluate(score, data.tokens, data.windows, self.cfg.train_seq_len, data.target_bytes, batch,
                             progress=bpb.progress_logger(log))
 
     # -- collectives (one process) and machine --

@@ -22,10 +22,11 @@ import numpy as np
 from data.cli import OneLineParser, int_at_least
 from parity_tests import compare as C
 from shared.artifact import load_artifact
+from shared import bpb
 from shared.bpb import eval_windows
 from shared.data import load_validation_tokens
 from shared.manifest import check_tokenizer
-from shared.tokenizer import build_byte_tables, load_tokenizer
+from shared.tokenizer import load_tokenizer
 
 BPB_TOL_FP32 = 1e-5  # fp32 twins agree to ~1e-7 in val_bpb on CPU; 1e-5 leaves room for other BLAS builds
 BPB_TOL_BF16 = 5e-3  # bf16 kernels differ across vendors; this catches drift, not rounding
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        state, cfg, tokens, tables = load_inputs(args)
+        state, cfg, tokens, nbytes = load_inputs(args)
     except (ValueError, OSError) as exc:  # a bad artifact, tokenizer or dataset: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -55,14 +56,14 @@ def main(argv=None) -> int:
     windows = windows[:args.windows] if args.windows > 0 else windows
     print(f"artifact:{args.artifact} layers:{cfg.num_layers} dim:{cfg.model_dim} vocab:{cfg.vocab_size} "
           f"windows:{len(windows)} of seq {cfg.train_seq_len}")
-    ok = report_fp32(cfg, state, tokens, windows, tables, args.logit_windows)
-    ok &= report_gpu_dtypes(cfg, state, tokens, windows, tables)
+    ok = report_fp32(cfg, state, tokens, windows, nbytes, args.logit_windows)
+    ok &= report_gpu_dtypes(cfg, state, tokens, windows, nbytes)
     print(f"verdict:{'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
 def load_inputs(args: argparse.Namespace) -> tuple:
-    """(state, cfg, validation tokens, byte tables), the tokenizer checked against DATA_PATH's manifest."""
+    """(state, cfg, validation tokens, bytes of each target), the tokenizer checked against DATA_PATH's manifest."""
     state, cfg = load_artifact(args.artifact)
     cfg = dataclasses.replace(cfg, data_path=args.data_path or cfg.data_path,
                               tokenizer_path=args.tokenizer_path or cfg.tokenizer_path)
@@ -71,15 +72,15 @@ def load_inputs(args: argparse.Namespace) -> tuple:
     except ValueError as exc:  # the trainers' override is an env var; this tool's is a flag
         raise ValueError(str(exc).replace("set TOKENIZER_CHECK=0", "pass --no-tokenizer-check")) from None
     print(f"tokenizer:{cfg.tokenizer_path} sha256:{sha[:12]} check:{status}")
-    tables = build_byte_tables(load_tokenizer(cfg.tokenizer_path, cfg.vocab_size), cfg.vocab_size)
+    sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
     tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
     if tokens.size <= cfg.train_seq_len:
         raise ValueError(f"DATA_PATH={cfg.data_path} has {tokens.size} validation tokens, "
                          f"not one window of TRAIN_SEQ_LEN={cfg.train_seq_len}")
-    return state, cfg, tokens, tables
+    return state, cfg, tokens, bpb.split_target_bytes(cfg, tokens, sp)
 
 
-def report_fp32(cfg, state, tokens, windows, tables, logit_windows: int) -> bool:
+def report_fp32(cfg, state, tokens, windows, nbytes, logit_windows: int) -> bool:
     tm, mm = C.torch_model(cfg, state), C.mlx_model(cfg, state)
     ids = tokens[windows[:logit_windows, :1] + np.arange(cfg.train_seq_len)[None, :]].astype(np.int64)
     seg = C.segments_for(cfg, ids)  # DOC_ISOLATED_ATTN: each window's documents, as the trainers score them
@@ -88,23 +89,23 @@ def report_fp32(cfg, state, tokens, windows, tables, logit_windows: int) -> bool
     logits_ok = bool((diff <= C.LOGITS_ATOL + C.LOGITS_RTOL * abs(lt)).all())
     print(f"fp32 logits: max_abs_diff:{diff.max():.3e} mean_abs_diff:{diff.mean():.3e} "
           f"{'ok' if logits_ok else 'FAIL'} (rtol {C.LOGITS_RTOL}, atol {C.LOGITS_ATOL})")
-    (st, t_s), (sm, m_s) = (_timed(lambda: C.score_torch(tm, cfg, tokens, windows, tables)),
-                            _timed(lambda: C.score_mlx(mm, cfg, tokens, windows, tables)))
+    (st, t_s), (sm, m_s) = (_timed(lambda: C.score_torch(tm, cfg, tokens, windows, nbytes)),
+                            _timed(lambda: C.score_mlx(mm, cfg, tokens, windows, nbytes)))
     return logits_ok & report_scores("fp32", ("torch", st, t_s), ("mlx", sm, m_s), BPB_TOL_FP32)
 
 
-def report_gpu_dtypes(cfg, state, tokens, windows, tables) -> bool:
+def report_gpu_dtypes(cfg, state, tokens, windows, nbytes) -> bool:
     import mlx.core as mx
     import torch
     ok = True
     if torch.cuda.is_available():
-        st = C.score_torch(C.torch_model(cfg, state, "cuda", torch.bfloat16), cfg, tokens, windows, tables)
-        ref = C.score_torch(C.torch_model(cfg, state), cfg, tokens, windows, tables)
+        st = C.score_torch(C.torch_model(cfg, state, "cuda", torch.bfloat16), cfg, tokens, windows, nbytes)
+        ref = C.score_torch(C.torch_model(cfg, state), cfg, tokens, windows, nbytes)
         ok &= report_scores("bf16", ("torch_cuda_bf16", st, 0.0), ("torch_cpu_fp32", ref, 0.0), BPB_TOL_BF16)
     if mx.metal.is_available():
         mm = C.mlx_model(cfg, state, dtype=mx.bfloat16)
-        sm = C.score_mlx(mm, cfg, tokens, windows, tables)
-        ref = C.score_torch(C.torch_model(cfg, state), cfg, tokens, windows, tables)
+        sm = C.score_mlx(mm, cfg, tokens, windows, nbytes)
+        ref = C.score_torch(C.torch_model(cfg, state), cfg, tokens, windows, nbytes)
         ok &= report_scores("bf16", ("mlx_metal_bf16", sm, 0.0), ("torch_cpu_fp32", ref, 0.0), BPB_TOL_BF16)
     if not torch.cuda.is_available() and not mx.metal.is_available():
         print("bf16: no CUDA or Metal device here; both trainers run fp32 on this machine")

@@ -125,7 +125,7 @@ class Score:
     bytes: int
 
 
-def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
+def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, target_bytes: np.ndarray) -> Score:
     dev = next(model.parameters()).device
 
     def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -133,19 +133,19 @@ def score_torch(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.nda
         xt, yt, st = (None if a is None else torch.from_numpy(a).to(dev) for a in (x, y, seg))
         with torch.no_grad():
             return model.token_nll(xt, yt, st).float().cpu().numpy()
-    return _score(fn, cfg, tokens, windows, tables)
+    return _score(fn, cfg, tokens, windows, target_bytes)
 
 
-def score_mlx(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
+def score_mlx(model, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, target_bytes: np.ndarray) -> Score:
     def fn(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         seg = segments_for(cfg, x)
         out = model.token_nll(mx.array(x), mx.array(y), None if seg is None else mx.array(seg))
         mx.eval(out)
         return np.array(out)
-    return _score(fn, cfg, tokens, windows, tables)
+    return _score(fn, cfg, tokens, windows, target_bytes)
 
 
-def _score(fn, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, tables) -> Score:
+def _score(fn, cfg: Hyperparameters, tokens: np.ndarray, windows: np.ndarray, target_bytes: np.ndarray) -> Score:
     batch = max(1, min(bpb.windows_per_batch(cfg.val_batch_size, cfg.train_seq_len), 4096 // cfg.train_seq_len))
-    acc = bpb.evaluate(fn, tokens, windows, cfg.train_seq_len, tables, batch)
+    acc = bpb.evaluate(fn, tokens, windows, cfg.train_seq_len, target_bytes, batch)
     return Score(acc.val_loss, acc.val_bpb, acc.tokens, acc.bytes)

@@ -232,8 +232,8 @@ def test_artifact_dequantizes_bit_identically_and_scores_the_same(tiny_data, tmp
     for name in loaded:
         assert np.array_equal(tw[name], loaded[name]) and np.array_equal(mw[name], loaded[name]), name
     data = bpb.load_eval_data(cfg)
-    st = C.score_torch(tm, cfg, data.tokens, data.windows, data.tables)
-    sm = C.score_mlx(mm, cfg, data.tokens, data.windows, data.tables)
+    st = C.score_torch(tm, cfg, data.tokens, data.windows, data.target_bytes)
+    sm = C.score_mlx(mm, cfg, data.tokens, data.windows, data.target_bytes)
     assert (st.tokens, st.bytes) == (sm.tokens, sm.bytes)
     assert abs(st.val_bpb - sm.val_bpb) <= 1e-6, f"val_bpb torch {st.val_bpb:.9f} mlx {sm.val_bpb:.9f}"
 

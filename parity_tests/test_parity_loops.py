@@ -102,7 +102,7 @@ def test_set_looping_reaches_the_compiled_graphs(tiny_data, tmp_path, name):
     for on in (True, False):
         model = C.torch_model(cfg, state)
         model.set_looping(on)
-        want = C.score_torch(model, cfg, data.tokens, data.windows, data.tables).val_loss
+        want = C.score_torch(model, cfg, data.tokens, data.windows, data.target_bytes).val_loss
         assert abs(scores[on][0] - want) <= 1e-5, (name, on, scores[on][0], want)
     st = loop.TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), 0, 1, cfg.vocab_size))
     position, losses = st.loader.stream.state(), {}

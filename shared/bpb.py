@@ -61,10 +61,11 @@ class BpbAccumulator:
         if self.totals is None:
             self.totals = np.zeros(3, dtype=np.float64)
 
-    def add(self, nll: np.ndarray, prev_ids: np.ndarray, tgt_ids: np.ndarray, tables: ByteTables) -> None:
+    def add(self, nll: np.ndarray, nbytes: np.ndarray) -> None:
+        """nll (nats) and the byte counts of the same scored targets (EvalData.target_bytes at their positions)."""
         self.totals[0] += np.asarray(nll, dtype=np.float64).sum()
         self.totals[1] += np.asarray(nll).size
-        self.totals[2] += tables.count_bytes(prev_ids, tgt_ids).sum(dtype=np.float64)
+        self.totals[2] += np.asarray(nbytes).sum(dtype=np.float64)
 
     @property
     def val_loss(self) -> float:
@@ -89,10 +90,11 @@ def windows_per_batch(val_batch_size: int, seq_len: int) -> int:
     return max(1, val_batch_size // (MICRO_BATCHES_PER_STEP * seq_len))
 
 
-def evaluate(score_fn: ScoreFn, tokens: np.ndarray, windows: np.ndarray, seq_len: int, tables: ByteTables,
+def evaluate(score_fn: ScoreFn, tokens: np.ndarray, windows: np.ndarray, seq_len: int, target_bytes: np.ndarray,
              batch_windows: int, reduce_fn: ReduceFn | None = None,
              progress: Callable[[int, int], None] | None = None) -> BpbAccumulator:
-    """Score this rank's windows; reduce_fn (e.g. an all-reduce SUM) merges ranks' totals."""
+    """Score this rank's windows; target_bytes[i] = bytes of the target tokens[i + 1] (see target_bytes());
+    reduce_fn (e.g. an all-reduce SUM) merges ranks' totals."""
     acc = BpbAccumulator()
     offsets = np.arange(seq_len + 1, dtype=np.int64)
     n_batches = math.ceil(len(windows) / batch_windows)
@@ -102,7 +104,7 @@ def evaluate(score_fn: ScoreFn, tokens: np.ndarray, windows: np.ndarray, seq_len
         x, y = seqs[:, :-1], seqs[:, 1:]
         nll = np.asarray(score_fn(x, y), dtype=np.float32)  # (B, T)
         mask = np.arange(seq_len)[None, :] >= rows[:, 1:2]
-        acc.add(nll[mask], x[mask], y[mask], tables)
+        acc.add(nll[mask], target_bytes[rows[:, :1] + offsets[None, :-1]][mask])
         if progress is not None:
             progress(b + 1, n_batches)
     if reduce_fn is not None:
@@ -110,12 +112,24 @@ def evaluate(score_fn: ScoreFn, tokens: np.ndarray, windows: np.ndarray, seq_len
     return acc
 
 
+def target_bytes(tokens: np.ndarray, tables: ByteTables, chunk: int = 1 << 22) -> np.ndarray:
+    """int32 (N-1,): the bytes of each target tokens[i + 1] given tokens[i], from the byte tables.
+
+    One array for the whole split, computed once, so that every scoring path (windows, TTT chunks) reads the
+    bytes of a target by its position and can never count them differently (chunked: bounded int64 temporaries)."""
+    out = np.empty(max(tokens.size - 1, 0), dtype=np.int32)
+    for a in range(0, out.size, chunk):
+        b = min(a + chunk, out.size)
+        out[a:b] = tables.count_bytes(tokens[a:b].astype(np.int64), tokens[a + 1:b + 1].astype(np.int64))
+    return out
+
+
 @dataclass
 class EvalData:
-    """Validation tokens, their window schedule and the byte tables: all a trainer needs to score."""
+    """Validation tokens, their window schedule and the bytes of every target: all a trainer needs to score."""
     tokens: np.ndarray
     windows: np.ndarray
-    tables: ByteTables
+    target_bytes: np.ndarray  # int32 (N-1,): bytes of tokens[i + 1]; see target_bytes()
     bos_id: int  # the tokenizer's BOS id (-1: it has none); documents start with it
 
 
@@ -124,7 +138,12 @@ def load_eval_data(cfg: Hyperparameters) -> EvalData:
     sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
     tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
     windows = eval_windows(tokens.size, cfg.train_seq_len, cfg.eval_stride)
-    return EvalData(tokens, windows, build_byte_tables(sp, cfg.vocab_size), int(sp.bos_id()))
+    return EvalData(tokens, windows, split_target_bytes(cfg, tokens, sp), int(sp.bos_id()))
+
+
+def split_target_bytes(cfg: Hyperparameters, tokens: np.ndarray, sp) -> np.ndarray:
+    """The bytes of every validation target, as every evaluation of DATA_PATH counts them."""
+    return target_bytes(tokens, build_byte_tables(sp, cfg.vocab_size))
 
 
 def progress_logger(log: Callable[[str], None] | None) -> Callable[[int, int], None]:

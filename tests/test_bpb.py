@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from shared.bpb import BpbAccumulator, eval_windows, evaluate, shard_windows
+from shared.bpb import BpbAccumulator, eval_windows, evaluate, shard_windows, target_bytes
 from shared.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 
 # Hand-made vocab: 0 BOS (boundary), 1 standalone "▁", 2 "ab", 3 "▁cd", 4 a byte token.
@@ -16,7 +16,7 @@ def test_hand_worked_bpb():
     # targets: "cd" after BOS (no space) 2, "ab" 2, lone space 1, byte 1, " cd" 3 -> 9 bytes
     np.testing.assert_array_equal(HAND.count_bytes(ids[:-1], ids[1:]), [2, 2, 1, 1, 3])
     acc = BpbAccumulator()
-    acc.add(np.full(5, math.log(2.0)), ids[:-1], ids[1:], HAND)
+    acc.add(np.full(5, math.log(2.0)), target_bytes(ids, HAND))
     assert acc.tokens == 5 and acc.bytes == 9
     assert acc.val_loss == pytest.approx(math.log(2.0))
     assert acc.val_bpb == pytest.approx(5 / 9)
@@ -27,9 +27,11 @@ def test_accumulators_merge_like_one():
     ids = rng.integers(0, 5, size=101)
     nll = rng.random(100)
     whole, a, b = BpbAccumulator(), BpbAccumulator(), BpbAccumulator()
-    whole.add(nll, ids[:-1], ids[1:], HAND)
-    a.add(nll[:37], ids[:37], ids[1:38], HAND)
-    b.add(nll[37:], ids[37:-1], ids[38:], HAND)
+    nbytes = target_bytes(ids, HAND, chunk=7)  # chunked on purpose: the seams must not change a count
+    np.testing.assert_array_equal(nbytes, HAND.count_bytes(ids[:-1], ids[1:]))
+    whole.add(nll, nbytes)
+    a.add(nll[:37], nbytes[:37])
+    b.add(nll[37:], nbytes[37:])
     merged = BpbAccumulator(a.totals + b.totals)
     assert merged.val_bpb == pytest.approx(whole.val_bpb, rel=1e-14)
 
@@ -58,10 +60,12 @@ def test_sharded_evaluation_equals_one_process():
     tokens = rng.integers(0, 5, size=999)
     score = lambda x, y: (x * 0.1 + y * 0.01 + 0.5).astype(np.float32)  # any deterministic per-token NLL
     w = eval_windows(tokens.size, 16, 5)
-    one = evaluate(score, tokens, w, 16, HAND, batch_windows=7)
-    parts = [evaluate(score, tokens, shard_windows(w, r, 3), 16, HAND, batch_windows=4) for r in range(3)]
+    nbytes = target_bytes(tokens, HAND)
+    one = evaluate(score, tokens, w, 16, nbytes, batch_windows=7)
+    parts = [evaluate(score, tokens, shard_windows(w, r, 3), 16, nbytes, batch_windows=4) for r in range(3)]
     merged = BpbAccumulator(sum(p.totals for p in parts))
     assert merged.tokens == tokens.size - 1
+    assert merged.bytes == one.bytes == int(nbytes.sum())  # every target's bytes counted once, by position
     assert merged.val_bpb == pytest.approx(one.val_bpb, rel=1e-12)
 
 
