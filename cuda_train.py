@@ -14,7 +14,6 @@ runs too.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ def activate_fa3(device: torch.device) -> bool:
 
 
 class TorchBackend:
-    """shared/loop.py's Backend for PyTorch: one process per rank, DDP across ranks."""
+    """shared/loop.py's Backend for PyTorch: one process per rank; gradients averaged by torch_optim.Optimizers."""
 
     def __init__(self, cfg: Hyperparameters):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,13 +82,11 @@ class TorchBackend:
         self.train_model = self._wrap(self.model) if train else None
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        m: nn.Module = model
+        """Compiled on CUDA. No DDP: torch_optim.Optimizers averages the gradients over ranks itself, so that
+        Muon's matrices can be reduce-scattered to their owners (parallel Muon, RECORD_STACK.md §5.3)."""
         if self.device.type == "cuda" and self.cfg.torch_compile:
-            m = torch.compile(m, dynamic=False)
-        if self.world_size > 1:
-            ids = [self.local_rank] if self.device.type == "cuda" else None
-            m = nn.parallel.DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False)
-        return m
+            return torch.compile(model, dynamic=False)
+        return model
 
     def weights(self) -> dict[str, np.ndarray]:
         return numpy_state(self.model)
@@ -130,22 +127,15 @@ class TorchBackend:
         """One optimizer step over this rank's micro-batches; returns the global mean train loss."""
         self.opts.zero_grad()
         total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
+        for x, y in micro_batches:
             xt, yt = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (x, y))
-            with self._sync_grads(i == len(micro_batches) - 1):
-                loss = self.train_model(xt, yt, self._segments(x))
-                (loss / len(micro_batches)).backward()
+            loss = self.train_model(xt, yt, self._segments(x))
+            (loss / len(micro_batches)).backward()  # accumulates locally; Optimizers.step averages over ranks
             total += loss.detach()
         self.opts.step(lr_scale, momentum)
         if self.world_size > 1:  # log the global mean, comparable across world sizes
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return float(total.item()) / (len(micro_batches) * self.world_size)
-
-    def _sync_grads(self, last: bool):
-        """DDP all-reduces gradients on the last micro-batch only."""
-        if isinstance(self.train_model, nn.parallel.DistributedDataParallel) and not last:
-            return self.train_model.no_sync()
-        return nullcontext()
 
     def _segments(self, x: np.ndarray) -> torch.Tensor | None:
         """DOC_ISOLATED_ATTN: segment ids of the rows x (shared/segments.py) on the device; None: dense causal."""

@@ -21,27 +21,34 @@ from shared.spec import (GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_
 
 def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype, ns: str = "quintic") -> mx.array:
     """Approximately orthogonalise g (Muon) in `dtype`: Frobenius-normalise, then per iteration (a, b, c) of MUON_NS
-    (shared/spec.py), A = XX^T, X <- aX + (bA + cA^2)X, on the wide orientation (RECORD_STACK.md §5.3)."""
+    (shared/spec.py), A = XX^T, X <- aX + (bA + cA^2)X, on the wide orientation (RECORD_STACK.md §5.3).
+
+    g is one matrix (rows, cols) or a stack (N, rows, cols) of same-shape matrices, each orthogonalised on its own
+    (batched: bit-equal to N single calls on CPU, tested)."""
     x = g.astype(dtype)
-    x = x / (mx.linalg.norm(x.astype(mx.float32)).astype(dtype) + NS_EPS)
-    transposed = g.shape[0] > g.shape[1]
+    norm = mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)), axis=(-2, -1), keepdims=True))  # Frobenius, fp32
+    x = x / (norm.astype(dtype) + NS_EPS)
+    transposed = g.shape[-2] > g.shape[-1]
     if transposed:
-        x = x.T
+        x = x.swapaxes(-2, -1)
     for a, b, c in ns_coefficients(ns, steps):
-        A = x @ x.T
+        A = x @ x.swapaxes(-2, -1)
         B = b * A + c * A @ A
         x = a * x + B @ x
-    return x.T if transposed else x
+    return x.swapaxes(-2, -1) if transposed else x
 
 
 def row_normalize(g: mx.array) -> mx.array:
     """MuonEq-R (RECORD_STACK.md §5.3): each row over max(||row||_2, 1e-7), in fp32 (the result stays fp32)."""
     x = g.astype(mx.float32)
-    return x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=1, keepdims=True)), ROW_NORM_EPS)
+    return x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True)), ROW_NORM_EPS)
 
 
 class Muon:
-    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)); W <- W*(1 - lr*wd) - lr*update."""
+    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)); W <- W*(1 - lr*wd) - lr*update.
+
+    Same-shape matrices are stacked and orthogonalised in one batched call (torch_optim.Muon's buckets, one
+    process). Dtypes as torch_optim.Muon: momentum fp32, the iteration in ns_dtype, applied to the fp32 weights."""
 
     def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype, wd: float = 0.0,
                  ns: str = "quintic", row_normalize: bool = False):
@@ -51,19 +58,29 @@ class Muon:
         self.state: dict[str, dict[str, mx.array]] = {}
 
     def update(self, params: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
-        for n in self.names:
-            buf = self.state.setdefault(n, {}).get("momentum", mx.zeros_like(grads[n]))
-            buf = buf * self.momentum + grads[n]
-            g = grads[n] + self.momentum * buf  # Nesterov
+        for bucket in same_shape_buckets(self.names, params):
+            grad = mx.stack([grads[n] for n in bucket])  # (N, rows, cols)
+            buf = mx.stack([self.state_of(n, params[n])["momentum"] for n in bucket])
+            buf = buf * self.momentum + grad
+            g = grad + self.momentum * buf  # Nesterov
             if self.row_normalize:
                 g = row_normalize(g)
             g = zeropower_via_newtonschulz5(g, self.backend_steps, self.ns_dtype, self.ns)
-            g = g * max(1.0, g.shape[0] / g.shape[1]) ** 0.5
-            self.state[n]["momentum"] = buf
-            params[n] = decay(params[n], self.lr, self.wd) - self.lr * g.astype(params[n].dtype)
+            g = g * max(1.0, g.shape[-2] / g.shape[-1]) ** 0.5
+            for i, n in enumerate(bucket):
+                self.state[n] = {"momentum": buf[i]}
+                params[n] = decay(params[n], self.lr, self.wd) - self.lr * g[i].astype(params[n].dtype)
 
     def state_of(self, n: str, p: mx.array) -> dict[str, mx.array]:
         return self.state.get(n) or {"momentum": mx.zeros_like(p)}
+
+
+def same_shape_buckets(names: list[str], params: dict[str, mx.array]) -> list[list[str]]:
+    """The matrices grouped by shape, buckets and members in first-appearance order (torch_optim's rule)."""
+    buckets: dict[tuple, list[str]] = {}
+    for n in names:
+        buckets.setdefault(tuple(params[n].shape), []).append(n)
+    return list(buckets.values())
 
 
 class Adam:

@@ -18,23 +18,26 @@ from torch_model import to_numpy
 
 def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype, ns: str = "quintic") -> Tensor:
     """Approximately orthogonalise g (Muon) in `dtype`: Frobenius-normalise, then per iteration (a, b, c) of MUON_NS
-    (shared/spec.py), A = XX^T, X <- aX + (bA + cA^2)X, on the wide orientation (RECORD_STACK.md §5.3)."""
+    (shared/spec.py), A = XX^T, X <- aX + (bA + cA^2)X, on the wide orientation (RECORD_STACK.md §5.3).
+
+    g is one matrix (rows, cols) or a stack (N, rows, cols) of same-shape matrices, each orthogonalised on its own:
+    the batched call is one kernel per product instead of N (bit-equal to N single calls on CPU, tested)."""
     x = g.to(dtype)
-    x = x / (x.norm() + NS_EPS)
-    transposed = g.size(0) > g.size(1)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + NS_EPS)
+    transposed = g.size(-2) > g.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for a, b, c in ns_coefficients(ns, steps):
-        A = x @ x.T
+        A = x @ x.mT
         B = b * A + c * A @ A
         x = a * x + B @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 def row_normalize(g: Tensor) -> Tensor:
     """MuonEq-R (RECORD_STACK.md §5.3): each row over max(||row||_2, 1e-7), in fp32 (the result stays fp32)."""
     x = g.float()
-    return x / torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True).clamp_min(ROW_NORM_EPS)
+    return x / torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True).clamp_min(ROW_NORM_EPS)
 
 
 def _world_rank() -> tuple[int, int]:
@@ -43,11 +46,24 @@ def _world_rank() -> tuple[int, int]:
     return 1, 0
 
 
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)).
+def same_shape_buckets(params: list[Tensor]) -> list[list[Tensor]]:
+    """The matrices grouped by shape, buckets and members in first-appearance order (the parameter table's)."""
+    buckets: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        buckets.setdefault(tuple(p.shape), []).append(p)
+    return list(buckets.values())
 
-    Ranks split the matrices round-robin and all-reduce the flat update (official scheme). Decoupled weight decay
-    W <- W*(1 - lr*weight_decay) - lr*update (RECORD_STACK.md §5.3) is applied by every rank to every matrix.
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)); decoupled weight decay
+    W <- W*(1 - lr*weight_decay) - lr*update (RECORD_STACK.md §5.3) on every matrix.
+
+    Parallel Muon (the record's scheme, §5.3): same-shape matrices form a bucket, padded with zero matrices to a
+    multiple of the world size W; rank r owns the r-th contiguous share. Gradients arrive as that share of the mean
+    (collect_grads: one reduce-scatter per bucket), the owner keeps the momentum and orthogonalises its share in one
+    batched call, and an all-gather gives every rank every update. Dtypes: momentum buffer fp32 (the gradient's),
+    the iteration and the gathered update in ns_dtype (bf16 on CUDA, fp32 on CPU and in the parity tests),
+    applied to the fp32 weights.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
@@ -55,46 +71,89 @@ class Muon(torch.optim.Optimizer):
                  row_normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay))
+        if len(self.param_groups) != 1:
+            raise ValueError("Muon takes one parameter group (the 'matrix' group of shared/spec.py)")
         self.ns_dtype, self.ns, self.row_normalize = ns_dtype, ns, row_normalize
-        self.index = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        self.buckets = same_shape_buckets(self.param_groups[0]["params"])
+        self.where = {id(p): (k, i) for k, b in enumerate(self.buckets) for i, p in enumerate(b)}
+        self.shard_grads: list[Tensor | None] = [None] * len(self.buckets)
+        self.buffers: list[Tensor | None] = [None] * len(self.buckets)  # momentum of this rank's share per bucket
         self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
+
+    def share(self, k: int) -> tuple[int, int]:
+        """[start, stop) of bucket k's (padded) positions this rank owns."""
+        world, rank = _world_rank()
+        per = -(-len(self.buckets[k]) // world)
+        return rank * per, (rank + 1) * per
+
+    def owns(self, p: Tensor) -> bool:
+        """This rank keeps p's momentum and computes its update."""
+        k, i = self.where[id(p)]
+        start, stop = self.share(k)
+        return start <= i < stop
+
+    @torch.no_grad()
+    def collect_grads(self) -> None:
+        """This rank's share of each bucket's gradient, averaged over ranks (reduce-scatter, SUM then / W).
+        Collective; call once per step after the last backward. A missing gradient counts as zero."""
+        world = _world_rank()[0]
+        for k, bucket in enumerate(self.buckets):
+            start, stop = self.share(k)
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in bucket]
+            grads += [torch.zeros_like(bucket[0])] * (world * (stop - start) - len(bucket))
+            stacked = torch.stack(grads)  # (N_pad, rows, cols)
+            if world == 1:
+                self.shard_grads[k] = stacked
+                continue
+            out = torch.empty_like(stacked[start:stop])
+            dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM)
+            self.shard_grads[k] = out.div_(world)
 
     @torch.no_grad()
     def step(self):
+        group = self.param_groups[0]
         world = _world_rank()[0]
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
-            offset = 0
-            for p in params:
-                if self.owns(p) and p.grad is not None:
-                    flat[offset:offset + p.numel()] = self._update(p, group).reshape(-1)
-                offset += p.numel()
+        for k, bucket in enumerate(self.buckets):
+            update = self._update(k, self.shard_grads[k], group)  # (share, rows, cols) in ns_dtype
             if world > 1:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
+                full = torch.empty((world * update.size(0), *update.shape[1:]), device=update.device,
+                                   dtype=update.dtype)
+                dist.all_gather_into_tensor(full, update)
+                update = full
             if group["weight_decay"] > 0:  # skipped at 0: the default step stays bit-identical
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            for p in params:
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                torch._foreach_mul_(bucket, 1.0 - group["lr"] * group["weight_decay"])
+            for i, p in enumerate(bucket):
+                p.add_(update[i].to(p.dtype), alpha=-group["lr"])
+            self.shard_grads[k] = None
 
-    def owns(self, p: Tensor) -> bool:
-        """Round-robin ownership: this rank keeps p's momentum and computes its update."""
-        world, rank = _world_rank()
-        return self.index[id(p)] % world == rank
+    def momentum_of(self, p: Tensor) -> Tensor | None:
+        """p's slice of its bucket's momentum (a view) on the owner once it exists, else None."""
+        k, i = self.where[id(p)]
+        start = self.share(k)[0]
+        return self.buffers[k][i - start] if self.owns(p) and self.buffers[k] is not None else None
 
-    def _update(self, p: Tensor, group: dict) -> Tensor:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+    def load_momentum(self, p: Tensor, value: np.ndarray) -> None:
+        """Set p's momentum (only the owner keeps it; slots() sums owners only)."""
+        if self.owns(p):
+            k, i = self.where[id(p)]
+            start, stop = self.share(k)
+            self.momentum_buffer(k, torch.empty((stop - start, *p.shape), device=p.device))[i - start].copy_(
+                torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+
+    def momentum_buffer(self, k: int, like: Tensor) -> Tensor:
+        """Bucket k's fp32 momentum for this rank's share (N_share, rows, cols), zeros until the first step."""
+        if self.buffers[k] is None:
+            self.buffers[k] = torch.zeros_like(like, dtype=torch.float32)
+        return self.buffers[k]
+
+    def _update(self, k: int, grad: Tensor, group: dict) -> Tensor:
+        buf = self.momentum_buffer(k, grad)
+        buf.mul_(group["momentum"]).add_(grad)
+        g = grad.add(buf, alpha=group["momentum"])  # Nesterov
         if self.row_normalize:
             g = row_normalize(g)
         g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype, self.ns)
-        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+        return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
 
 
 class Optimizers:
@@ -128,12 +187,50 @@ class Optimizers:
                 group["lr"] = group["base_lr"] * lr_scale
                 if isinstance(opt, Muon):
                     group["momentum"] = momentum
+        self._average_grads()
         if self.cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip_norm)
+            self._clip(self.cfg.grad_clip_norm)
         for opt in self.opts.values():
             if not isinstance(opt, Muon):
                 _decay_adam_groups(opt)
             opt.step()
+
+    @torch.no_grad()
+    def _average_grads(self) -> None:
+        """The mean gradient over ranks (collective): Adam's parameters all-reduced in one flat buffer, Muon's
+        reduce-scattered into each owner's share (Muon.collect_grads). One process: nothing moves."""
+        world = _world_rank()[0]
+        dense = [p for opt in self.opts.values() if not isinstance(opt, Muon)
+                 for group in opt.param_groups for p in group["params"]]
+        if world > 1 and dense:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in dense]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(world)
+            offset = 0
+            for p in dense:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        for opt in self.opts.values():
+            if isinstance(opt, Muon):
+                opt.collect_grads()
+
+    @torch.no_grad()
+    def _clip(self, max_norm: float) -> None:
+        """torch.nn.utils.clip_grad_norm_ over the GLOBAL mean gradient, for any world size and split: the norm is
+        sqrt(sum of the per-tensor squared norms), each Muon share counted by its owner (one scalar all-reduce);
+        scale max_norm / (norm + 1e-6) when that is < 1."""
+        dense = [p.grad for opt in self.opts.values() if not isinstance(opt, Muon)
+                 for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        shares = [g for opt in self.opts.values() if isinstance(opt, Muon) for g in opt.shard_grads]
+        norms = torch._foreach_norm(dense + shares)
+        zero = torch.zeros((), device=next(iter(self.params.values())).device)
+        sq_dense = torch.stack(norms[:len(dense)]).square().sum() if dense else zero
+        sq_shares = torch.stack(norms[len(dense):]).square().sum() if shares else zero.clone()
+        if _world_rank()[0] > 1:
+            dist.all_reduce(sq_shares, op=dist.ReduceOp.SUM)
+        coef = torch.clamp(max_norm / (torch.sqrt(sq_dense + sq_shares) + 1e-6), max=1.0)
+        torch._foreach_mul_(dense + shares, coef)
 
     def slots(self) -> dict[str, dict[str, np.ndarray]]:
         """Every slot of every parameter as fp32/float64 numpy; zeros (step 0) before the first step. Collective."""
@@ -148,7 +245,7 @@ class Optimizers:
             for p in (q for group in opt.param_groups for q in group["params"]):
                 s = slots[self._name(p)]
                 if isinstance(opt, Muon):  # only the owner keeps a buffer (and slots() sums owners only)
-                    opt.state[p] = {"momentum_buffer": _like(s["momentum"], p)} if opt.owns(p) else {}
+                    opt.load_momentum(p, s["momentum"])
                 else:
                     opt.state[p] = _adam_state(opt, p, s)
 
@@ -169,7 +266,7 @@ def _decay_adam_groups(opt: torch.optim.Optimizer) -> None:
 
 def _muon_slots(opt: Muon, p: Tensor) -> dict[str, np.ndarray]:
     """The owner's buffer, gathered by a sum to which every other rank adds zeros. Collective."""
-    buf = opt.state.get(p, {}).get("momentum_buffer") if opt.owns(p) else None
+    buf = opt.momentum_of(p)
     buf = torch.zeros_like(p) if buf is None else buf.clone()
     if _world_rank()[0] > 1:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)

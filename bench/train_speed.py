@@ -31,6 +31,8 @@ def make_backend(backend: str):
         be = cuda_train.TorchBackend(cfg)
     from shared.tokenizer import load_tokenizer
     be.build(cfg, init_params(cfg), train=True, bos_id=load_tokenizer(cfg.tokenizer_path).bos_id())
+    if cfg.ema_decay > 0:  # the loop's EMA shadow, updated after every step (its cost is part of a step)
+        be.load_ema(be.weights())
     st = TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), be.rank, be.world_size, cfg.vocab_size))
     return cfg, be, st
 
