@@ -311,8 +311,10 @@ RECORD_MODEL: dict[str, Any] = dict(
     smear_gate_enabled=True, gate_window=12, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
     num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, parallel_start_layer=8, ortho_init=True,
     doc_isolated_attn=True)
-PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8192",
-                         tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+# Data: the record's CaseOps SP8192 export, where `python data/prepare.py --variant sp8192_caseops` puts it (§1).
+PRESETS["record"] = dict(RECORD_MODEL,
+                         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
                          train_seq_len=2048, train_batch_tokens=786_432, val_batch_size=524_288,
                          # §5.5: a 600 s cap less 0.5 s for GPTQ's calibration, the fraction warmdown over the
                          # last 85% floored at 0.1, 20 discarded compile steps (no LR warm-up)
