@@ -51,7 +51,7 @@ from data.build import (build_dataset, check_caseops_tokenizer, check_name, read
                         tokenizer_from_bytes)
 from data.cli import OneLineParser, int_at_least  # noqa: E402
 from shared import caseops  # noqa: E402
-from shared.data import load_shard, val_pattern  # noqa: E402
+from shared.data import load_shard, sidecar_pattern, val_pattern  # noqa: E402
 from shared.manifest import BOS_ID, file_sha256, read_manifest, write_manifest  # noqa: E402
 
 DATA_DIR = ROOT / "data"
@@ -149,6 +149,11 @@ def adopt(dataset_dir: Path, tokenizer: Path) -> int:
         if path == val[0] and (not tokens.size or tokens[0] != BOS_ID):
             raise ValueError(f"{path}: does not start with BOS id {BOS_ID}; not built in the official layout")
     transform = caseops.TRANSFORM if caseops.is_caseops_tokenizer(sp) else None
+    sidecar = sorted(glob.glob(sidecar_pattern(str(dataset_dir))))
+    if transform and not sidecar:
+        raise ValueError(f"--adopt {dataset_dir}: --tokenizer is a CaseOps tokenizer but the dataset has no byte "
+                         f"sidecar fineweb_val_bytes_*.bin; its bits per byte could not be counted")
+    download.check_sidecar_shards([Path(p) for p in sidecar])
     manifest = write_manifest(dataset_dir, tokenizer, transform=transform, vocab_size=sp.vocab_size(),
                               name=dataset_dir.name, source="adopted")
     splits = manifest["splits"]

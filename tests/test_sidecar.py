@@ -97,7 +97,28 @@ def test_evaluator_reads_the_sidecar_and_says_so(caseops_build):
     data = bpb.load_eval_data(cfg)
     assert data.byte_source == "sidecar"
     assert np.array_equal(data.target_bytes, load_validation_sidecar(str(caseops_build["dir"]))[1:])
-    assert data.tokens.size == load_validation_tokens(str(caseops_build["dir"]), 8192).size  # no _bytes_ file read
+    val = list_shards(val_pattern(str(caseops_build["dir"])))
+    assert val and not [f for f in val if "_bytes_" in f]  # the sidecar beside them is not listed as tokens
+    assert data.tokens.size == sum(load_shard(f).size for f in val)
+
+
+def test_adopt_records_the_transform_and_checks_the_sidecar(caseops_build, tmp_path):
+    import shutil
+    from data import prepare
+    ds = tmp_path / "ds"
+    shutil.copytree(caseops_build["dir"], ds)
+    (ds / "manifest.json").unlink()
+    assert prepare.main(["--adopt", str(ds), "--tokenizer", str(caseops_build["tok"])]) == 0
+    assert read_manifest(ds)["transform"] == caseops.TRANSFORM
+    (ds / "manifest.json").unlink()
+    side = ds / "fineweb_val_bytes_000001.bin"
+    write_shard(side, load_shard(side)[:-1])
+    with pytest.raises(ValueError, match="fineweb_val_bytes_000001.bin: the byte sidecar counts"):
+        prepare.adopt(ds, caseops_build["tok"])
+    for f in ds.glob("fineweb_val_bytes_*.bin"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no byte sidecar"):
+        prepare.adopt(ds, caseops_build["tok"])
 
 
 def test_a_sidecar_of_another_length_is_refused(caseops_build, tmp_path):
