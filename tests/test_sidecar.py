@@ -170,3 +170,23 @@ def test_prepare_refuses_mixed_transforms(reference_data, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "build with --caseops" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trainer_scores_a_caseops_dataset_by_its_sidecar(tmp_path):
+    """torch trainer on CPU, 4 steps: the log says bytes:sidecar and val_bpb's bytes are the sidecar's."""
+    import math
+
+    from pydoc_data.topics import topics
+    from shared.runlog import parse_final
+    from conftest import run_script, tiny_env
+    build_dataset([topics[k] for k in sorted(topics)[:60]], "c", tmp_path, val_docs=6, tokenizer=None,
+                  vocab_size=384, shard_tokens=60_000, caseops_transform=True)
+    data = {"DATA_PATH": str(tmp_path / "datasets" / "c"), "TOKENIZER_PATH": str(tmp_path / "tokenizers" / "c.model")}
+    env = tiny_env(data, tmp_path, ITERATIONS=4, WARMUP_STEPS=0)
+    out = run_script([str(ROOT / "cuda_train.py")], env, tmp_path).stdout
+    assert "verified bytes:sidecar" in out
+    final = parse_final(out)
+    n = load_validation_tokens(data["DATA_PATH"], 384).size
+    scored = (n - 1) // 32 * 32  # TRAIN_SEQ_LEN=32, stride 0: whole windows from the start
+    nbytes = int(load_validation_sidecar(data["DATA_PATH"])[1:scored + 1].sum())
+    assert final["val_bpb"] == pytest.approx(final["val_loss"] / math.log(2) * scored / nbytes, rel=1e-5)
