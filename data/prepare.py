@@ -2,6 +2,9 @@
 
     python data/prepare.py --demo                                   # offline, any machine
     python data/prepare.py --variant sp1024 --train-shards 10       # the published export
+    python data/prepare.py --variant sp8192                         # SP8192 (kevclark/parameter-golf)
+    python data/prepare.py --variant sp8192_caseops                 # SP8192 CaseOps + byte sidecar (the record's)
+    python data/prepare.py --text a.txt --name mine --caseops --tokenizer caseops.model
     python data/prepare.py --text a.txt --tokenizer tok.model --name mine
     python data/prepare.py --jsonl docs.jsonl --name mine --vocab-size 1024
     python data/prepare.py --adopt path/to/dataset --tokenizer tok.model   # record a manifest only
@@ -18,6 +21,12 @@ is prefixed with BOS (id 1), no EOS, as in the official export.
 document (the layout of line-per-document exports and of FineWeb dumps whose
 documents run together line by line); `blank` splits at blank lines; `file`
 makes each file one document.
+
+--caseops (local sources): every document goes through the lossless case transform of shared/caseops.py
+before SentencePiece; --tokenizer must then be a CaseOps model (the record's
+fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model), or one is trained with the four operators reserved
+at ids 4-7; the validation split gets the per-token byte sidecar fineweb_val_bytes_NNNNNN.bin and the manifest
+records "transform": "caseops_v1".
 
 --adopt DIR --tokenizer FILE writes DIR/manifest.json for shards built elsewhere
 (after checking their headers), so the trainers' tokenizer check can verify them.
@@ -38,9 +47,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data import corpus, download  # noqa: E402
-from data.build import build_dataset, check_name, read_tokenizer, tokenizer_from_bytes  # noqa: E402
+from data.build import (build_dataset, check_caseops_tokenizer, check_name, read_tokenizer,  # noqa: E402
+                        tokenizer_from_bytes)
 from data.cli import OneLineParser, int_at_least  # noqa: E402
-from shared.data import load_shard, val_pattern  # noqa: E402
+from shared import caseops  # noqa: E402
+from shared.data import load_shard, sidecar_pattern, val_pattern  # noqa: E402
 from shared.manifest import BOS_ID, file_sha256, read_manifest, write_manifest  # noqa: E402
 
 DATA_DIR = ROOT / "data"
@@ -57,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", action="store_true", help="embedded corpus: the Python stdlib's own documentation")
-    src.add_argument("--variant", help="published export to download, e.g. sp1024")
+    src.add_argument("--variant", help="published export to download: sp1024, sp8192, sp8192_caseops "
+                                       "(or any sp<VOCAB>/byte260 of MATCHED_FINEWEB_REPO_ID)")
     src.add_argument("--jsonl", nargs="+", type=Path, help="JSON-lines files with a 'text' field")
     src.add_argument("--text", nargs="+", type=Path, help="plain-text files (see --split)")
     src.add_argument("--adopt", type=Path, metavar="DIR",
@@ -68,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece .model instead of training one")
     ap.add_argument("--vocab-size", type=int_at_least(1), default=1024)
     ap.add_argument("--split", choices=("line", "blank", "file"), default="line")
+    ap.add_argument("--caseops", action="store_true", help="local sources: apply the CaseOps case transform")
     ap.add_argument("--shard-tokens", type=int_at_least(1), default=100_000_000,
                     help="tokens per train shard (official: 1e8)")
     ap.add_argument("--out", type=Path, default=DATA_DIR, help="root holding datasets/ and tokenizers/")
@@ -76,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--name is required with --jsonl/--text")
     if args.adopt and not args.tokenizer:
         ap.error("--adopt needs --tokenizer FILE, the tokenizer its shards were built with")
+    if args.caseops and (args.variant or args.adopt):
+        ap.error("--caseops applies to local sources (--demo/--text/--jsonl); use --variant sp8192_caseops")
     return args
 
 
@@ -93,16 +108,18 @@ def run(args: argparse.Namespace) -> int:
         return adopt(args.adopt, args.tokenizer)
     if args.variant:
         return download.fetch_variant(args.variant, args.train_shards, args.out)
-    if args.tokenizer:
-        read_tokenizer(args.tokenizer)  # before reading what may be gigabytes of text
+    if args.tokenizer:  # before reading what may be gigabytes of text
+        label = f"--tokenizer {args.tokenizer}"
+        check_caseops_tokenizer(tokenizer_from_bytes(read_tokenizer(args.tokenizer), label), label, args.caseops)
     if args.demo:
-        docs, name = deterministic_shuffle(corpus.demo_documents()), args.name or "demo_sp1024"
+        docs = deterministic_shuffle(corpus.demo_documents())
+        name = args.name or ("demo_sp1024_caseops" if args.caseops else "demo_sp1024")
     elif args.jsonl:
         docs, name = corpus.read_jsonl(args.jsonl), args.name
     else:
         docs, name = corpus.read_text(args.text, args.split), args.name
     summary = build_dataset(docs, name, args.out, val_docs=args.val_docs, tokenizer=args.tokenizer,
-                            vocab_size=args.vocab_size, shard_tokens=args.shard_tokens)
+                            vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, caseops_transform=args.caseops)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -131,8 +148,14 @@ def adopt(dataset_dir: Path, tokenizer: Path) -> int:
         tokens = load_shard(path, sp.vocab_size())
         if path == val[0] and (not tokens.size or tokens[0] != BOS_ID):
             raise ValueError(f"{path}: does not start with BOS id {BOS_ID}; not built in the official layout")
-    manifest = write_manifest(dataset_dir, tokenizer, vocab_size=sp.vocab_size(), name=dataset_dir.name,
-                              source="adopted")
+    transform = caseops.TRANSFORM if caseops.is_caseops_tokenizer(sp) else None
+    sidecar = sorted(glob.glob(sidecar_pattern(str(dataset_dir))))
+    if transform and not sidecar:
+        raise ValueError(f"--adopt {dataset_dir}: --tokenizer is a CaseOps tokenizer but the dataset has no byte "
+                         f"sidecar fineweb_val_bytes_*.bin; its bits per byte could not be counted")
+    download.check_sidecar_shards([Path(p) for p in sidecar])
+    manifest = write_manifest(dataset_dir, tokenizer, transform=transform, vocab_size=sp.vocab_size(),
+                              name=dataset_dir.name, source="adopted")
     splits = manifest["splits"]
     print(f"adopted {dataset_dir}: tokenizer {tokenizer.name} sha256 {manifest['tokenizer_sha256'][:12]} "
           f"val {splits['val']['shards']} shards / {splits['val']['tokens']} tokens, "

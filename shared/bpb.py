@@ -14,6 +14,7 @@ tokens[start+1 : start+T+1], positions >= score_from counted.
 """
 from __future__ import annotations
 
+import glob
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -21,7 +22,9 @@ from typing import Callable
 import numpy as np
 
 from shared.config import MICRO_BATCHES_PER_STEP, Hyperparameters
-from shared.data import load_validation_tokens
+from shared.caseops import TRANSFORM as CASEOPS, is_caseops_tokenizer
+from shared.data import load_validation_sidecar, load_validation_tokens, sidecar_pattern
+from shared.manifest import dataset_transform
 from shared.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -131,6 +134,7 @@ class EvalData:
     windows: np.ndarray
     target_bytes: np.ndarray  # int32 (N-1,): bytes of tokens[i + 1]; see target_bytes()
     bos_id: int  # the tokenizer's BOS id (-1: it has none); documents start with it
+    byte_source: str = "tables"  # where target_bytes came from: "sidecar" (fineweb_val_bytes_*) or "tables"
 
 
 def load_eval_data(cfg: Hyperparameters) -> EvalData:
@@ -138,12 +142,48 @@ def load_eval_data(cfg: Hyperparameters) -> EvalData:
     sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
     tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
     windows = eval_windows(tokens.size, cfg.train_seq_len, cfg.eval_stride)
-    return EvalData(tokens, windows, split_target_bytes(cfg, tokens, sp), int(sp.bos_id()))
+    nbytes = split_target_bytes(cfg, tokens, sp)
+    return EvalData(tokens, windows, nbytes, int(sp.bos_id()), byte_source(cfg.data_path))
+
+
+class SidecarMismatch(ValueError):
+    """The byte sidecar does not count the validation tokens it sits beside."""
+
+
+def byte_source(data_path: str) -> str:
+    """"sidecar" when DATA_PATH has fineweb_val_bytes_* shards (split_target_bytes then reads them), else "tables"."""
+    return "sidecar" if glob.glob(sidecar_pattern(data_path)) else "tables"
 
 
 def split_target_bytes(cfg: Hyperparameters, tokens: np.ndarray, sp) -> np.ndarray:
-    """The bytes of every validation target, as every evaluation of DATA_PATH counts them."""
-    return target_bytes(tokens, build_byte_tables(sp, cfg.vocab_size))
+    """The bytes of every validation target, as every evaluation of DATA_PATH counts them.
+
+    A dataset with a byte sidecar (CaseOps, RECORD_STACK.md §1.3) is counted by it: the byte tables would charge
+    the case operators 3 bytes each. Refused: a sidecar of another length than the tokens (SidecarMismatch), and
+    a CaseOps tokenizer on a plain dataset or the reverse (the manifest's "transform", else the sidecar's presence).
+    """
+    sidecar = load_validation_sidecar(cfg.data_path)
+    check_transform(cfg, sp, has_sidecar=sidecar is not None)
+    if sidecar is None:
+        return target_bytes(tokens, build_byte_tables(sp, cfg.vocab_size))
+    if sidecar.size != tokens.size:
+        raise SidecarMismatch(f"DATA_PATH={cfg.data_path}: the byte sidecar fineweb_val_bytes_*.bin counts "
+                              f"{sidecar.size} tokens but the validation shards hold {tokens.size}; rebuild or "
+                              f"re-download the dataset")
+    return sidecar[1:].astype(np.int32)
+
+
+def check_transform(cfg: Hyperparameters, sp, has_sidecar: bool) -> None:
+    """CaseOps tokens need a CaseOps tokenizer and the sidecar, plain tokens a plain tokenizer (cheap checks)."""
+    caseops_tok = is_caseops_tokenizer(sp)
+    transform = dataset_transform(cfg.data_path)
+    if transform == CASEOPS and not caseops_tok:
+        raise ValueError(f"DATA_PATH={cfg.data_path} holds {CASEOPS} (CaseOps) tokens but TOKENIZER_PATH="
+                         f"{cfg.tokenizer_path} is not a CaseOps tokenizer (ids 4-7 are not the case operators)")
+    if caseops_tok and (not has_sidecar or transform not in (None, CASEOPS)):
+        raise ValueError(f"TOKENIZER_PATH={cfg.tokenizer_path} is a CaseOps tokenizer but DATA_PATH={cfg.data_path} "
+                         f"is not a CaseOps dataset (transform {transform}, "
+                         f"{'a' if has_sidecar else 'no'} byte sidecar)")
 
 
 def progress_logger(log: Callable[[str], None] | None) -> Callable[[int, int], None]:

@@ -317,8 +317,10 @@ RECORD_OPTIMIZER: dict[str, Any] = dict(
     matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97, muon_momentum_warmup_start=0.92,
     muon_momentum_warmup_steps=1500, beta2=0.99, grad_clip_norm=0.3, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
     muon_ns="polar_express", muon_row_normalize=True)
-PRESETS["record"] = dict(RECORD_MODEL, **RECORD_OPTIMIZER, data_path="./data/datasets/fineweb10B_sp8192",
-                         tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+# Data: the record's CaseOps SP8192 export, where `python data/prepare.py --variant sp8192_caseops` puts it (§1).
+PRESETS["record"] = dict(RECORD_MODEL, **RECORD_OPTIMIZER,
+                         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
                          train_seq_len=2048, train_batch_tokens=786_432, val_batch_size=524_288,
                          # §5.5: a 600 s cap less 0.5 s for GPTQ's calibration, the fraction warmdown over the
                          # last 85% floored at 0.1, 20 discarded compile steps (no LR warm-up)
@@ -328,7 +330,8 @@ PRESETS["record"] = dict(RECORD_MODEL, **RECORD_OPTIMIZER, data_path="./data/dat
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.
-PRESETS["mac"] = dict(RECORD_MODEL, **{**RECORD_OPTIMIZER, "muon_momentum_warmup_steps": 100}, model_dim=256, num_heads=4, num_kv_heads=2,
+PRESETS["mac"] = dict(RECORD_MODEL, **{**RECORD_OPTIMIZER, "muon_momentum_warmup_steps": 100},
+                      model_dim=256, num_heads=4, num_kv_heads=2,
                       data_path="./data/datasets/fineweb10B_sp8192",
                       tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
                       train_seq_len=1024, train_batch_tokens=16_384, val_batch_size=131_072,

@@ -79,7 +79,25 @@ def train_pattern(data_path: str) -> str:
 
 
 def val_pattern(data_path: str) -> str:
-    return os.path.join(data_path, "fineweb_val_*.bin")
+    # [0-9]: the CaseOps byte sidecar fineweb_val_bytes_NNNNNN.bin sits beside the val shards and is not tokens
+    return os.path.join(data_path, "fineweb_val_[0-9]*.bin")
+
+
+def sidecar_pattern(data_path: str) -> str:
+    """Per-token byte counts of the val tokens (same shard format; RECORD_STACK.md §1.3)."""
+    return os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")
+
+
+def sidecar_path(data_path: str | os.PathLike, index: int) -> str:
+    return os.path.join(data_path, f"fineweb_val_bytes_{index:06d}.bin")
+
+
+def load_validation_sidecar(data_path: str) -> np.ndarray | None:
+    """int32 byte count of every validation token in shard order, or None when DATA_PATH has no sidecar."""
+    files = sorted(glob.glob(sidecar_pattern(data_path)))
+    if not files:
+        return None
+    return np.concatenate([load_shard(f).astype(np.int32) for f in files])
 
 
 def load_validation_tokens(data_path: str, vocab_size: int) -> np.ndarray:

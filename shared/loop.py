@@ -118,7 +118,7 @@ def load_checked_eval_data(cfg: Hyperparameters, log: RunLog) -> tuple[bpb.EvalD
     """Validation data and byte tables, after checking the tokenizer is the one the dataset was built with."""
     data = bpb.load_eval_data(cfg)  # fails fast on a bad tokenizer or a short validation split
     tokenizer_sha, status = check_tokenizer(cfg.data_path, cfg.tokenizer_path, enforce=cfg.tokenizer_check)
-    log(f"tokenizer:{cfg.tokenizer_path} sha256:{tokenizer_sha[:16]} {status}")
+    log(f"tokenizer:{cfg.tokenizer_path} sha256:{tokenizer_sha[:16]} {status} bytes:{data.byte_source}")
     for warning in near_misses(os.environ):
         log(f"warning: {warning}")
     return data, tokenizer_sha

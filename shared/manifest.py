@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from shared.data import read_shard_header, train_pattern, val_pattern
+from shared.data import read_shard_header, sidecar_pattern, train_pattern, val_pattern
 from shared.fsutil import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
@@ -31,21 +31,26 @@ def file_sha256(path: str | os.PathLike) -> str:
 def split_stats(dataset_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
     """Shard and token counts per split, from validated shard headers."""
     stats = {}
-    for split, pattern in (("train", train_pattern(str(dataset_dir))), ("val", val_pattern(str(dataset_dir)))):
+    for split, pattern in (("train", train_pattern(str(dataset_dir))), ("val", val_pattern(str(dataset_dir))),
+                           ("val_bytes", sidecar_pattern(str(dataset_dir)))):
         counts = [read_shard_header(f) for f in sorted(glob.glob(pattern))]
-        stats[split] = {"shards": len(counts), "tokens": sum(counts)}
+        if counts or split != "val_bytes":  # val_bytes: the CaseOps byte sidecar, only where there is one
+            stats[split] = {"shards": len(counts), "tokens": sum(counts)}
     return stats
 
 
-def write_manifest(dataset_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, **extra) -> dict:
-    """Record tokenizer_path's sha256 and the shards now in dataset_dir; extra needs vocab_size=."""
+def write_manifest(dataset_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, transform: str | None = None,
+                   **extra) -> dict:
+    """Record tokenizer_path's sha256, the text transform ("caseops_v1" or None) and the shards now in
+    dataset_dir; extra needs vocab_size=."""
     if not isinstance(extra.get("vocab_size"), int):
         raise ValueError(f"write_manifest({dataset_dir}): vocab_size=<int> is required")
     stats = split_stats(dataset_dir)
     if not stats["val"]["shards"]:
         raise FileNotFoundError(f"{dataset_dir}: no fineweb_val_*.bin shards; a dataset needs a validation split")
     manifest = {"format": FORMAT, "tokenizer_sha256": file_sha256(tokenizer_path),
-                "tokenizer": os.path.basename(tokenizer_path), "bos_id": BOS_ID, "splits": stats, **extra}
+                "tokenizer": os.path.basename(tokenizer_path), "bos_id": BOS_ID, "splits": stats,
+                "transform": transform, **extra}
     atomic_write_text(os.path.join(dataset_dir, MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -66,6 +71,15 @@ def read_manifest(data_path: str | os.PathLike) -> dict | None:
     if not isinstance(sha, str) or len(sha) != 64:
         raise ValueError(f"{path}: tokenizer_sha256 is missing or not a sha256 hex digest")
     return manifest
+
+
+def dataset_transform(data_path: str | os.PathLike) -> str | None:
+    """The text transform the manifest records (None: plain text, or no manifest / an older one without it)."""
+    try:
+        manifest = read_manifest(data_path)
+    except ValueError:
+        return None  # an unreadable manifest is check_tokenizer's to report
+    return manifest.get("transform") if manifest else None
 
 
 def check_tokenizer(data_path: str, tokenizer_path: str, enforce: bool = True) -> tuple[str, str]:
