@@ -29,7 +29,7 @@ MUON_NS_KINDS = ("quintic", "polar_express")  # coefficients in shared/spec.py
 _SAFE_ID = re.compile(r"([^./\x00][^/\x00]*)?")  # "" = unset (a fresh id at start)
 
 
-ROLES = ("model", "train", "eval", "run", "backend")
+ROLES = ("model", "train", "eval", "run", "backend", "export")
 # model:   shape and numerics of the network; an artifact is valid only under these.
 # train:   the training trajectory (data order, batch, optimizer, schedule, init); fixed across a resume.
 # eval:    how a score is computed (windows, batch, data and tokenizer paths); --eval may override.
@@ -37,8 +37,12 @@ ROLES = ("model", "train", "eval", "run", "backend")
 #          ITERATIONS, MAX_WALLCLOCK_SECONDS and GPTQ_RESERVE_SECONDS also place the warmdown: changing them on
 #          resume re-plans it.
 # backend: one framework's speed knobs and compute dtype; a resume or --eval may change.
+# export:  how the artifact is quantized and compressed (QUANT, bits, clips, LQER, COMPRESSOR); read once, after
+#          training, so a resume may change them; --eval may not (the artifact it scores is already written).
 EVAL_OVERRIDABLE = ("eval", "run", "backend")
-RESUME_CHANGEABLE = ("eval", "run", "backend")
+RESUME_CHANGEABLE = ("eval", "run", "backend", "export")
+QUANTS = ("int8", "gptq")  # shared/quant/: int8 = the official per-row int8; gptq = GPTQ + SDClip (+ LQER)
+COMPRESSORS = ("zstd", "lzma", "brotli", "entropy")  # shared/artifact.py; entropy = shared/quant/coding.py
 
 
 def _f(default: Any, role: str) -> Any:
@@ -130,6 +134,20 @@ class Hyperparameters:
     mlx_compile: bool = _f(True, "backend")
     mlx_ops: str = _f("auto", "backend")  # auto | fused | composed: see mlx_cpu_ops.select_ops
     mlx_streams: int = _f(0, "backend")  # chunks computed concurrently; 0 = auto (1 on Metal, one per CPU core up to 4)
+    # The artifact (RECORD_STACK.md §6; defaults: today's int8 + zstd-22; the others are the record's code defaults)
+    quant: str = _f("int8", "export")  # int8 | gptq (shared/quant/gptq.py)
+    compressor: str = _f("zstd", "export")  # zstd (22) | lzma (9) | brotli (11) | entropy (range coder + zstd)
+    matrix_bits: int = _f(6, "export")  # GPTQ integer width of the block matrices (R = 2^(b-1) - 1)
+    embed_bits: int = _f(8, "export")  # ... of tok_emb.weight (the record runs 7)
+    matrix_clip_sigmas: float = _f(12.85, "export")  # SDClip k: row scale = k * std(row) / R
+    attn_clip_sigmas: float = _f(13.0, "export")
+    mlp_clip_sigmas: float = _f(10.0, "export")  # the record runs 11.5
+    embed_clip_sigmas: float = _f(20.0, "export")  # the record runs 14.0
+    gptq_calibration_batches: int = _f(16, "export")  # training micro-batches whose activations give H = sum x^T x
+    lqer_enabled: bool = _f(False, "export")  # low-rank correction of the worst GPTQ tensors (§6.4)
+    lqer_rank: int = _f(4, "export")
+    lqer_top_k: int = _f(3, "export")  # tensors by ||W - W_hat||_F
+    lqer_asym_group: int = _f(64, "export")  # INT4 group size of the B factor
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], base: "Hyperparameters | None" = None) -> "Hyperparameters":
@@ -205,6 +223,7 @@ class Hyperparameters:
         self._validate_schedule()
         for name in ("muon_wd", "embed_wd", "adam_wd"):
             _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative decay grows the weights)")
+        self._validate_export()
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off; 1 would never move)")
         _require(self.adam_eps > 0, "adam_eps", "must be > 0 (0 divides by zero where a gradient is 0)")
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
@@ -212,6 +231,17 @@ class Hyperparameters:
                  f"{self.run_id!r} is not a usable file name in logs/: no '/', no NUL, not starting with '.'")
         _require(self.artifact_path == "" or not self.artifact_path.endswith(("/", os.sep)), "artifact_path",
                  f"{self.artifact_path!r} names a folder, not a file")
+
+    def _validate_export(self) -> None:
+        _require(self.quant in QUANTS, "quant", f"must be one of {QUANTS}")
+        _require(self.compressor in COMPRESSORS, "compressor", f"must be one of {COMPRESSORS}")
+        for name in ("matrix_bits", "embed_bits"):
+            _require(2 <= getattr(self, name) <= 8, name, "must be in [2, 8] (stored as int8)")
+        for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("gptq_calibration_batches", "lqer_rank", "lqer_top_k", "lqer_asym_group"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(not self.lqer_enabled or self.quant == "gptq", "lqer_enabled", "corrects GPTQ's error: set QUANT=gptq")
 
     def _validate_schedule(self) -> None:
         for name in ("warmdown_frac", "min_lr"):
