@@ -3,7 +3,7 @@
 A scheme turns a float32 state (and the parameter table's store kinds) into named
 arrays plus a JSON-able index, and back:
 
-    tensors, index = SCHEMES[name].quantize(state, stores, cfg, hessians)  # stores: spec.STORE_KINDS by name
+    tensors, index = SCHEMES[name].quantize(state, stores, cfg, hessians, timings)  # stores: spec.STORE_KINDS by name
     state = SCHEMES[name].dequantize(tensors, index)
 """
 from __future__ import annotations

@@ -26,6 +26,8 @@ with the SDClip scales; its index entry says hessian 'identity' so the export ca
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 NAME = "gptq_sdclip_v1"
@@ -130,9 +132,12 @@ def gate_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
-             hessians: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+             hessians: dict[str, np.ndarray] | None = None,
+             timings: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """The scheme entry point (shared/quant/__init__.py). cfg supplies the bits and clip knobs; hessians maps
-    a weight name to its (cols, cols) H (any float dtype, used in float64); absent -> identity."""
+    a weight name to its (cols, cols) H (any float dtype, used in float64); absent -> identity. timings, if
+    given, receives the seconds spent in 'gptq'."""
+    t0 = time.perf_counter()
     if cfg is None:
         raise ValueError(f"quant scheme {NAME} needs the config (MATRIX_BITS, EMBED_BITS, *_CLIP_SIGMAS)")
     hessians = hessians or {}
@@ -156,6 +161,8 @@ def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
             tensors[f"float:{name}"] = t.astype(np.float16)
             entry["kind"] = "float"
         index[name] = entry
+    if timings is not None:
+        timings["gptq"] = time.perf_counter() - t0
     return tensors, index
 
 

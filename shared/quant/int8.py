@@ -14,9 +14,9 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_Q = 99.99984 / 100.0
 
 
-def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
-             hessians=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """cfg and hessians are unused (the scheme interface passes them to every scheme)."""
+def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None, hessians=None,
+             timings=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """cfg, hessians and timings are unused (the scheme interface passes them to every scheme)."""
     tensors, index = {}, {}
     for name in sorted(state):
         t = np.ascontiguousarray(state[name], dtype=np.float32)
