@@ -26,7 +26,8 @@ from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
 from shared.segments import check_bos_features, require_bos, segment_ids
 from shared.spec import micro_batch_tokens
-from torch_model import build_model, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
+from shared.quant.gptq import targets as gptq_targets
+from torch_model import build_model, collect_hessians, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
 from torch_optim import Optimizers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -167,6 +168,15 @@ class TorchBackend:
                            reduce_fn=self._all_reduce_sum, progress=bpb.progress_logger(log))
         self.model.train()
         return acc
+
+    def hessians(self, cfg: Hyperparameters, batches: list) -> dict[str, np.ndarray]:
+        """GPTQ's Hessians of the current weights on this rank's training micro-batches (torch_model.collect_hessians;
+        eval mode, the uncompiled model). Each rank collects its own; rank 0's are the ones its export uses."""
+        self.model.eval()
+        dev = [(torch.from_numpy(x).to(self.device), self._segments(x)) for x, _ in batches]
+        out = collect_hessians(self.model, dev, gptq_targets(cfg))
+        self.model.train()
+        return out
 
     # -- collectives and machine --
     def _all_reduce_sum(self, values: np.ndarray) -> np.ndarray:

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import zstandard
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from shared import quant
 from shared.quant import coding
@@ -111,7 +110,7 @@ def encode_artifact(state: dict[str, np.ndarray], cfg: Hyperparameters, tokenize
                 "config": cfg.to_json(), "tensors": json.dumps(index, sort_keys=True),
                 "tokenizer_sha256": tokenizer_sha256}
     metadata["payload_sha256"] = payload_sha256(tensors, {k: metadata[k] for k in HASHED_METADATA_V3})
-    blob = compress(st_save(tensors, metadata=metadata), compressor, level)
+    blob = compress(safetensors_bytes(tensors, metadata), compressor, level)
     timings["coding"] = time.perf_counter() - t0
     return blob
 
@@ -142,6 +141,28 @@ def entropy_decode(tensors: dict[str, np.ndarray], index: dict[str, dict]) -> di
             raise ValueError(f"tensor {key}: decoded integers outside int8")
         out[key] = q.astype(np.int8).reshape(entry["shape"])
     return out
+
+
+ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int8": "I8",
+             "uint32": "U32", "uint16": "U16", "uint8": "U8"}
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors buffer with everything in sorted order, so equal inputs give equal bytes. (The safetensors
+    package writes __metadata__ from a hash map, in an order that changes from call to call.) The layout is the
+    format's: u64 LE header length, the JSON header padded with spaces to 8 bytes, the tensors' bytes in header
+    order, little-endian, C order."""
+    header, chunks, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for key in sorted(tensors):
+        t = np.ascontiguousarray(tensors[key])
+        data = t.astype(t.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[key] = {"dtype": ST_DTYPES[t.dtype.name], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 def compress(raw: bytes, compressor: str, level: int = ZSTD_LEVEL) -> bytes:

@@ -149,3 +149,18 @@ def test_entropy_coding_is_smaller_than_zstd_on_gptq_integers(tmp_path):
         cfg = dataclasses.replace(CFG, quant="gptq", compressor=compressor)
         sizes[compressor] = save_artifact(tmp_path / compressor, _state(), cfg)
     assert sizes["entropy"] < 0.97 * sizes["zstd"], sizes
+
+
+def test_the_same_inputs_give_the_same_bytes():
+    """The safetensors package writes its metadata map in a per-call order; ours is sorted (reproducible files)."""
+    cfg = dataclasses.replace(CFG, quant="gptq", compressor="entropy")
+    state = _state()
+    assert artifact.encode_artifact(state, cfg, SHA) == artifact.encode_artifact(state, cfg, SHA)
+    tensors = {"b": np.arange(6, dtype=np.float16).reshape(2, 3), "a": np.array([-1, 2], dtype=np.int8),
+               "c": np.zeros(0, dtype=np.uint32)}
+    meta = {"z": "1", "a": "2", "m": "3"}
+    raw = artifact.safetensors_bytes(tensors, meta)
+    back = st_load(raw)
+    assert all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    n = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + n])["__metadata__"] == meta and (8 + n) % 8 == 0

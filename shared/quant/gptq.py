@@ -37,6 +37,20 @@ DAMP = 0.01  # H += DAMP * mean(diag H) * I
 GATE_LEVELS = 127  # 'gate' tensors: symmetric int8 per row
 
 
+def is_gptq(store: str, shape: tuple[int, ...]) -> bool:
+    """Which parameter-table rows GPTQ quantizes: 'weight' matrices with more than 65,536 elements."""
+    return store == "weight" and len(shape) == 2 and int(np.prod(shape)) > KEEP_FLOAT_MAX_NUMEL
+
+
+def targets(cfg) -> list[str]:
+    """The weights that want a Hessian (in table order). A tied tok_emb.weight's H is that of the head's input,
+    the final norm's output (§6.1); an untied embedding has none (its input is a lookup) and falls back to H = I."""
+    from shared.spec import param_table  # here: shared.spec imports nothing of quant, but keep imports light
+
+    return [p.name for p in param_table(cfg) if is_gptq(p.store, p.shape)
+            and not (p.name == "tok_emb.weight" and not cfg.tie_embeddings)]
+
+
 def levels(bits: int) -> int:
     """R = 2^(b-1) - 1: symmetric integers in [-R, R] (int6 -> 31, int7 -> 63)."""
     return 2 ** (bits - 1) - 1
@@ -145,7 +159,7 @@ def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
     for name in sorted(state):
         t = np.ascontiguousarray(state[name], dtype=np.float32)
         entry = {"shape": list(t.shape)}
-        if stores[name] == "weight" and t.ndim == 2 and t.size > KEEP_FLOAT_MAX_NUMEL:
+        if is_gptq(stores[name], t.shape):
             bits, k = rule(name, cfg)
             s = sdclip_scales(t, k, bits)
             h = hessians.get(name)
@@ -163,17 +177,84 @@ def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
         index[name] = entry
     if timings is not None:
         timings["gptq"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cfg.lqer_enabled:
+        add_lqer(state, tensors, index, cfg.lqer_rank, cfg.lqer_top_k, cfg.lqer_asym_group)
+    if timings is not None:
+        timings["lqer"] = time.perf_counter() - t0
     return tensors, index
 
 
+# ---- LQER (RECORD_STACK.md §6.4): a low-rank correction of the worst-quantized matrices ----
+# Zhang et al. 2024, "LQER: Low-Rank Quantization Error Reconstruction for LLMs" (arXiv 2402.02446): W ~ W_hat + A B
+# with A B the rank-r truncated SVD of E = W - W_hat. The record's asymmetric factor formats: A (rows x r) in 2 bits
+# with one fp16 scale, B (r x cols) in 4 bits with an fp16 scale per group of consecutive row-major elements.
+LQER_A_LO, LQER_A_HI, LQER_A_DIV = -2, 1, 1.5  # q_A = clamp(rint(A / s_A), -2, 1), s_A = fp16(max|A| / 1.5)
+LQER_B_LO, LQER_B_HI, LQER_B_DIV = -8, 7, 7.5  # q_B = clamp(rint(B / s_g), -8, 7), s_g = fp16(max|group| / 7.5)
+
+
+def _fp16_scale(x: np.ndarray, div: float) -> np.ndarray:
+    """fp16(max|x| / div) along the last axis; 1.0 where that is 0 (an all-zero factor or group)."""
+    s = (np.abs(x).max(axis=-1) / div).astype(np.float16)
+    return np.where(s == 0, np.float16(1.0), s)
+
+
+def lqer_factors(err: np.ndarray, rank: int, group: int) -> dict[str, np.ndarray]:
+    """Quantized rank-`rank` factors of err (float64 SVD; numpy's LAPACK gesdd): q_a int8 (rows, r), s_a fp16 (1,),
+    q_b int8 (r, cols), s_b fp16 (r * cols / group,)."""
+    u, sv, vt = np.linalg.svd(err.astype(np.float64), full_matrices=False)
+    rank = min(rank, len(sv))
+    a, b = u[:, :rank] * sv[:rank], vt[:rank]
+    s_a = _fp16_scale(a.reshape(1, -1), LQER_A_DIV)
+    q_a = np.clip(np.rint(a / s_a.astype(np.float64)), LQER_A_LO, LQER_A_HI)
+    groups = b.reshape(-1, group)
+    s_b = _fp16_scale(groups, LQER_B_DIV)
+    q_b = np.clip(np.rint(groups / s_b.astype(np.float64)[:, None]), LQER_B_LO, LQER_B_HI).reshape(b.shape)
+    return {"q_a": q_a.astype(np.int8), "s_a": s_a, "q_b": q_b.astype(np.int8), "s_b": s_b}
+
+
+def lqer_correction(q_a: np.ndarray, s_a: np.ndarray, q_b: np.ndarray, s_b: np.ndarray) -> np.ndarray:
+    """float32 A_hat B_hat, summed over the rank one outer product at a time in order (no BLAS: the same bits
+    on any machine)."""
+    a = q_a.astype(np.float32) * s_a.astype(np.float32)[0]
+    group = q_b.size // s_b.size
+    b = (q_b.astype(np.float32).reshape(-1, group) * s_b.astype(np.float32)[:, None]).reshape(q_b.shape)
+    out = np.zeros((a.shape[0], b.shape[1]), dtype=np.float32)
+    for k in range(a.shape[1]):
+        out += np.outer(a[:, k], b[k])
+    return out
+
+
+def add_lqer(state: dict[str, np.ndarray], tensors: dict[str, np.ndarray], index: dict[str, dict], rank: int,
+             top_k: int, group: int) -> list[str]:
+    """Rank every GPTQ tensor by ||W - W_hat||_F (absolute, float64) and give the top_k a correction; returns them."""
+    errors = {}
+    for name, entry in index.items():
+        if entry.get("hessian") is not None:  # the GPTQ matrices
+            w_hat = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
+            errors[name] = state[name].astype(np.float32) - w_hat
+    chosen = sorted(errors, key=lambda n: (-float(np.linalg.norm(errors[n].astype(np.float64))), n))[:top_k]
+    for name in chosen:
+        if (rank * errors[name].shape[1]) % group:
+            raise ValueError(f"LQER_ASYM_GROUP={group} does not divide the {rank} x {errors[name].shape[1]} "
+                             f"B factor of {name}")
+        for key, value in lqer_factors(errors[name], rank, group).items():
+            tensors[f"lqer_{key}:{name}"] = value
+        index[name]["lqer"] = {"rank": int(tensors[f"lqer_q_a:{name}"].shape[1]), "group": group}
+    return chosen
+
+
 def dequantize(tensors: dict[str, np.ndarray], index: dict[str, dict]) -> dict[str, np.ndarray]:
-    """float32 W_hat = q * s per row (the product in float32, as every reader computes it)."""
+    """float32 W_hat = q * s per row (the product in float32, as every reader computes it), plus the LQER
+    correction where the index has one."""
     out = {}
     for name, entry in index.items():
         if entry["kind"] == "float":
             t = tensors[f"float:{name}"].astype(np.float32)
         elif entry["kind"] == "int_per_row":
             t = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
+            if "lqer" in entry:
+                t = t + lqer_correction(*(tensors[f"lqer_{k}:{name}"] for k in ("q_a", "s_a", "q_b", "s_b")))
         else:
             raise ValueError(f"tensor {name}: unknown kind {entry['kind']!r} for scheme {NAME}")
         out[name] = t.reshape(entry["shape"])
