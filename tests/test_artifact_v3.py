@@ -24,8 +24,9 @@ CFG = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "512", "MODEL_DI
                                 "SPARSE_ATTN_GATE_ENABLED": "1", "MATRIX_BITS": "6", "EMBED_BITS": "7"})
 STORES = {p.name: p.store for p in param_table(CFG)}
 SHA = "cd" * 32
+HAVE_BROTLI = __import__("importlib").util.find_spec("brotli") is not None
 COMBOS = [(q, c) for q in ("int8", "gptq") for c in COMPRESSORS  # int8 with the zstd container only: fast CI
-          if (c != "brotli" or __import__("importlib").util.find_spec("brotli")) and (q == "gptq" or c in ("zstd", "entropy"))]
+          if (c != "brotli" or HAVE_BROTLI) and (q == "gptq" or c in ("zstd", "entropy"))]
 
 
 def _state():
