@@ -170,12 +170,20 @@ class TorchBackend:
         return acc
 
     def hessians(self, cfg: Hyperparameters, batches: list) -> dict[str, np.ndarray]:
-        """GPTQ's Hessians of the current weights on this rank's training micro-batches (torch_model.collect_hessians;
-        eval mode, the uncompiled model). Each rank collects its own; rank 0's are the ones its export uses."""
+        """GPTQ's Hessians of the current weights (torch_model.collect_hessians; eval mode, the uncompiled model):
+        each rank sums over its micro-batches, the sums are all-reduced and divided by every rank's batch count,
+        so the calibration set (and H, up to fp32 summation order) does not depend on the world size."""
         self.model.eval()
         dev = [(torch.from_numpy(x).to(self.device), self._segments(x)) for x, _ in batches]
-        out = collect_hessians(self.model, dev, gptq_targets(cfg))
+        sums = collect_hessians(self.model, dev, gptq_targets(cfg), divisor=1)
         self.model.train()
+        if self.world_size == 1:
+            return {k: v / np.float32(len(batches)) for k, v in sums.items()}
+        out = {}
+        for name in sorted(sums):  # the same order on every rank
+            t = torch.from_numpy(sums[name]).to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            out[name] = to_numpy(t / (len(batches) * self.world_size))
         return out
 
     # -- collectives and machine --

@@ -104,15 +104,21 @@ def encode_artifact(state: dict[str, np.ndarray], cfg: Hyperparameters, tokenize
     tensors, index = quant.scheme(scheme).quantize(state, stores, cfg, hessians, timings)
     check_finite({k: v.astype(np.float32) for k, v in tensors.items()}, "quantized weights (past fp16 range?)")
     t0 = time.perf_counter()
+    blob = pack(tensors, index, cfg, scheme, compressor, tokenizer_sha256, level)
+    timings["coding"] = time.perf_counter() - t0
+    return blob
+
+
+def pack(tensors: dict[str, np.ndarray], index: dict, cfg: Hyperparameters, scheme: str, compressor: str,
+         tokenizer_sha256: str = "", level: int = ZSTD_LEVEL) -> bytes:
+    """A scheme's output -> the file's bytes: entropy coding (COMPRESSOR=entropy), metadata and hash, compression."""
     tensors, code_index = entropy_code(tensors) if compressor == "entropy" else (tensors, {})
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "quant_scheme": scheme,
                 "compressor": compressor, "coding": json.dumps(code_index, sort_keys=True),
                 "config": cfg.to_json(), "tensors": json.dumps(index, sort_keys=True),
                 "tokenizer_sha256": tokenizer_sha256}
     metadata["payload_sha256"] = payload_sha256(tensors, {k: metadata[k] for k in HASHED_METADATA_V3})
-    blob = compress(safetensors_bytes(tensors, metadata), compressor, level)
-    timings["coding"] = time.perf_counter() - t0
-    return blob
+    return compress(safetensors_bytes(tensors, metadata), compressor, level)
 
 
 def entropy_code(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:

@@ -143,6 +143,7 @@ class Hyperparameters:
     attn_clip_sigmas: float = _f(13.0, "export")
     mlp_clip_sigmas: float = _f(10.0, "export")  # the record runs 11.5
     embed_clip_sigmas: float = _f(20.0, "export")  # the record runs 14.0
+    quant_passthrough_numel: int = _f(65_536, "export")  # gptq: matrices up to this size stay fp16 (record 65,536)
     gptq_calibration_batches: int = _f(16, "export")  # training micro-batches whose activations give H = sum x^T x
     lqer_enabled: bool = _f(False, "export")  # low-rank correction of the worst GPTQ tensors (§6.4)
     lqer_rank: int = _f(4, "export")
@@ -239,7 +240,8 @@ class Hyperparameters:
             _require(2 <= getattr(self, name) <= 8, name, "must be in [2, 8] (stored as int8)")
         for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
             _require(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("gptq_calibration_batches", "lqer_rank", "lqer_top_k", "lqer_asym_group"):
+        for name in ("gptq_calibration_batches", "lqer_rank", "lqer_top_k", "lqer_asym_group",
+                     "quant_passthrough_numel"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(not self.lqer_enabled or self.quant == "gptq", "lqer_enabled", "corrects GPTQ's error: set QUANT=gptq")
 
@@ -353,7 +355,13 @@ PRESETS["record"] = dict(RECORD_MODEL, data_path="./data/datasets/fineweb10B_sp8
                          muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, beta2=0.99,
                          grad_clip_norm=0.3, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
                          muon_ns="polar_express", muon_row_normalize=True,
-                         ema_decay=0.9965)  # §5.6
+                         ema_decay=0.9965,  # §5.6
+                         # §6, §8: GPTQ int6 (embedding int7) with SDClip, calibrated on 16 training micro-batches,
+                         # LQER on the 3 worst tensors; our ANS coder instead of the record's lrzip/brotli serializer
+                         quant="gptq", compressor="entropy", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
+                         attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
+                         gptq_calibration_batches=16, lqer_enabled=True, lqer_rank=4, lqer_top_k=3,
+                         lqer_asym_group=64)
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.
@@ -373,7 +381,11 @@ PRESETS["mac"] = dict(RECORD_MODEL, model_dim=256, num_heads=4, num_kv_heads=2,
 # 0.95**300 leaves nothing of the initial weights (0.99 would leave 5% of them in the export).
 PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
     RECORD_MODEL, vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-    xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4), ema_decay=0.95)
+    xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4), ema_decay=0.95,
+    # the record's quantization; at width 64 no matrix passes the record's 65,536-element threshold, so 1,024 (every
+    # block matrix and the embedding go through GPTQ); 2 calibration micro-batches (16K tokens), LQER on 1 tensor
+    quant="gptq", compressor="entropy", matrix_bits=6, embed_bits=7, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
+    quant_passthrough_numel=1024, gptq_calibration_batches=2, lqer_enabled=True, lqer_top_k=1)
 
 
 def preset(name: str) -> Hyperparameters:

@@ -52,7 +52,8 @@ class Backend(Protocol):
                    momentum: float) -> float: ...  # collective; the global mean loss
     def evaluate(self, data: bpb.EvalData, log: Callable | None) -> bpb.BpbAccumulator: ...  # collective
     def set_looping(self, on: bool) -> None: ...  # depth recurrence on/off for the next steps and scores (§3.2)
-    # QUANT=gptq: H = sum x^T x / len(batches) of each shared.quant.gptq.targets(cfg) weight's input, float32 numpy
+    # QUANT=gptq, collective: H = sum of x^T x of each shared.quant.gptq.targets(cfg) weight's input over every
+    # rank's batches, divided by their total count; float32 numpy
     def hessians(self, cfg: Hyperparameters, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]: ...
     def any_rank(self, flag: bool) -> bool: ...  # collective OR
     def max_over_ranks(self, value: float) -> float: ...  # collective MAX
@@ -137,6 +138,9 @@ def preflight(cfg: Hyperparameters, be: Backend) -> None:
             raise ValueError(f"CHECKPOINT_PATH={cfg.checkpoint_path!r} is not a valid template; only {{step}} "
                              f"may appear ({exc!r})") from None
         check_output_path(ckpt, "CHECKPOINT_PATH")
+    if cfg.quant == "gptq" and cfg.gptq_calibration_batches % be.world_size:
+        raise ValueError(f"GPTQ_CALIBRATION_BATCHES={cfg.gptq_calibration_batches} must be a multiple of WORLD_SIZE="
+                         f"{be.world_size} (the ranks share the calibration micro-batches)")
     need, have = estimate_memory_bytes(cfg, be.tokens_in_flight(cfg)), be.memory_bytes()
     if have is not None and need > have:
         raise ValueError(f"this config needs at least ~{need / 2**30:.1f} GiB ({be.tokens_in_flight(cfg)} tokens in "
@@ -307,14 +311,15 @@ def swap_in_ema(be: Backend, cfg: Hyperparameters, data: bpb.EvalData, log: RunL
 
 def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str, loader: TokenLoader | None = None,
            log: RunLog | None = None) -> str:
-    """Quantize (QUANT=gptq: calibrated on the next GPTQ_CALIBRATION_BATCHES training micro-batches of each rank,
-    rank 0's used), code, write on rank 0; logs each phase's seconds. Without a loader GPTQ runs with H = I."""
+    """Quantize (QUANT=gptq: calibrated on the next GPTQ_CALIBRATION_BATCHES micro-batch slots of the training
+    stream, shared among the ranks, whatever the world size), code, write on rank 0; logs each phase's seconds.
+    Without a loader GPTQ runs with H = I."""
     path = cfg.resolved_artifact_path()
     hessians, timings = None, {}
     if cfg.quant == "gptq" and loader is not None:
         t0 = time.perf_counter()
         batches = [loader.next_micro_batch(cfg.train_batch_tokens, cfg.train_seq_len)
-                   for _ in range(cfg.gptq_calibration_batches)]
+                   for _ in range(cfg.gptq_calibration_batches // be.world_size)]
         be.set_looping(cfg.num_loops > 0)  # calibrated as scored: looped layers add every application
         hessians = be.hessians(cfg, batches)
         timings["hessians"] = time.perf_counter() - t0

@@ -19,6 +19,7 @@ Per tensor (first matching rule; RECORD_STACK.md §6.2 table; knobs in shared/co
     names with '.attn.'       MATRIX_BITS, ATTN_CLIP_SIGMAS
     any other 'weight' row    MATRIX_BITS, MATRIX_CLIP_SIGMAS
     with > 65,536 elements
+    (QUANT_PASSTHROUGH_NUMEL)
     'gate' rows               int8 per row, s_r = fp16(max|W_r| / 127)  (§6.3)
     everything else           fp16
 A matrix without a Hessian (no calibration) is quantized with H = I: GPTQ then reduces to round-to-nearest
@@ -37,9 +38,10 @@ DAMP = 0.01  # H += DAMP * mean(diag H) * I
 GATE_LEVELS = 127  # 'gate' tensors: symmetric int8 per row
 
 
-def is_gptq(store: str, shape: tuple[int, ...]) -> bool:
-    """Which parameter-table rows GPTQ quantizes: 'weight' matrices with more than 65,536 elements."""
-    return store == "weight" and len(shape) == 2 and int(np.prod(shape)) > KEEP_FLOAT_MAX_NUMEL
+def is_gptq(store: str, shape: tuple[int, ...], passthrough: int = KEEP_FLOAT_MAX_NUMEL) -> bool:
+    """Which parameter-table rows GPTQ quantizes: 'weight' matrices with more than `passthrough` elements
+    (QUANT_PASSTHROUGH_NUMEL; the record's 65,536)."""
+    return store == "weight" and len(shape) == 2 and int(np.prod(shape)) > passthrough
 
 
 def targets(cfg) -> list[str]:
@@ -47,7 +49,7 @@ def targets(cfg) -> list[str]:
     the final norm's output (§6.1); an untied embedding has none (its input is a lookup) and falls back to H = I."""
     from shared.spec import param_table  # here: shared.spec imports nothing of quant, but keep imports light
 
-    return [p.name for p in param_table(cfg) if is_gptq(p.store, p.shape)
+    return [p.name for p in param_table(cfg) if is_gptq(p.store, p.shape, cfg.quant_passthrough_numel)
             and not (p.name == "tok_emb.weight" and not cfg.tie_embeddings)]
 
 
@@ -159,7 +161,7 @@ def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
     for name in sorted(state):
         t = np.ascontiguousarray(state[name], dtype=np.float32)
         entry = {"shape": list(t.shape)}
-        if is_gptq(stores[name], t.shape):
+        if is_gptq(stores[name], t.shape, cfg.quant_passthrough_numel):
             bits, k = rule(name, cfg)
             s = sdclip_scales(t, k, bits)
             h = hessians.get(name)
