@@ -132,6 +132,11 @@ def main() -> None:
     timings = {}
     (tg, ig), _ = timed(gptq.quantize, state, stores, cfg, hessians, timings)
     print(f"gptq (numpy float64): {timings['gptq']:.1f}s")
+    ints = sum(coding.entropy_bits(v) for k, v in tg.items() if v.dtype == np.int8) / 8
+    rest = sum(v.nbytes for k, v in tg.items() if v.dtype != np.int8)
+    print(f"order-0 entropy limit of gptq's integers: {ints:,.0f} B (+ {rest:,} B of scales and fp16 tensors, "
+          f"uncompressed) = {8 * (ints + rest) / n:.3f} bits/param")
+    print(context_report(tg))
     lq_cfg = dataclasses.replace(cfg, lqer_enabled=True)
     tl, il = dict(tg), {k: dict(v) for k, v in ig.items()}
     _, lqer_s = timed(gptq.add_lqer, state, tl, il, lq_cfg.lqer_rank, lq_cfg.lqer_top_k, lq_cfg.lqer_asym_group)
@@ -140,11 +145,6 @@ def main() -> None:
         for compressor in compressors:
             blob, enc = timed(artifact.pack, tensors, index, c, gptq.NAME, compressor)
             print(row(f"{label} + {compressor}", blob, n, enc, decode_seconds(blob)))
-    ints = sum(coding.entropy_bits(v) for k, v in tg.items() if v.dtype == np.int8) / 8
-    rest = sum(v.nbytes for k, v in tg.items() if v.dtype != np.int8)
-    print(f"order-0 entropy limit of gptq's integers: {ints:,.0f} B (+ {rest:,} B of scales and fp16 tensors, "
-          f"uncompressed) = {8 * (ints + rest) / n:.3f} bits/param")
-    print(context_report(tg))
     print(lrzip_line(tg, n))
 
 
