@@ -25,7 +25,8 @@ from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
 from shared.segments import check_bos_features, require_bos, segment_ids
 from shared.spec import micro_batch_tokens
-from torch_model import build_model, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
+from shared.quant.gptq import targets as gptq_targets
+from torch_model import build_model, collect_hessians, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
 from torch_optim import Optimizers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -157,6 +158,23 @@ class TorchBackend:
                            reduce_fn=self._all_reduce_sum, progress=bpb.progress_logger(log))
         self.model.train()
         return acc
+
+    def hessians(self, cfg: Hyperparameters, batches: list) -> dict[str, np.ndarray]:
+        """GPTQ's Hessians of the current weights (torch_model.collect_hessians; eval mode, the uncompiled model):
+        each rank sums over its micro-batches, the sums are all-reduced and divided by every rank's batch count,
+        so the calibration set (and H, up to fp32 summation order) does not depend on the world size."""
+        self.model.eval()
+        dev = [(torch.from_numpy(x).to(self.device), self._segments(x)) for x, _ in batches]
+        sums = collect_hessians(self.model, dev, gptq_targets(cfg), divisor=1)
+        self.model.train()
+        if self.world_size == 1:
+            return {k: v / np.float32(len(batches)) for k, v in sums.items()}
+        out = {}
+        for name in sorted(sums):  # the same order on every rank
+            t = torch.from_numpy(sums[name]).to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            out[name] = to_numpy(t / (len(batches) * self.world_size))
+        return out
 
     # -- collectives and machine --
     def _all_reduce_sum(self, values: np.ndarray) -> np.ndarray:

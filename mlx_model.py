@@ -55,7 +55,11 @@ class CastedLinear(nn.Module):
         self.weight = mx.zeros((out_dim, in_dim))
         self._dtype = dtype
 
+    _tap = None  # collect_hessians sets it to read each input (torch uses a forward pre-hook instead)
+
     def __call__(self, x: mx.array) -> mx.array:
+        if self._tap is not None:
+            self._tap(x)
         return x.astype(self._dtype) @ self.weight.astype(self._dtype).T
 
 
@@ -353,3 +357,52 @@ def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
 
 def numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+
+
+class _TapOutput(nn.Module):
+    """Wraps a parameter-free module and hands its output to a callback (the tied head's input for
+    collect_hessians; torch reads it with a forward hook)."""
+
+    def __init__(self, inner: nn.Module, tap):
+        super().__init__()
+        self.inner = inner
+        self._tap_fn = tap
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.inner(x)
+        self._tap_fn(y)
+        return y
+
+
+def collect_hessians(model: GPT, batches: list[tuple[mx.array, mx.array | None]], targets: list[str],
+                     divisor: int | None = None) -> dict[str, np.ndarray]:
+    """torch_model.collect_hessians in MLX, the same sums in the same order: each target CastedLinear's _tap
+    reads its input, final_norm is wrapped for the tied head's input (put back after); x cast to the compute
+    dtype as the matmul casts it, then fp32; x^T x and the running sum fp32, divided by `divisor` (default: the
+    number of batches). Returns float32 numpy arrays by weight name."""
+    sums: dict[str, mx.array] = {}
+
+    def tap(name: str):
+        def add(x: mx.array) -> None:
+            x = x.astype(model._dtype).astype(mx.float32).reshape(-1, x.shape[-1])
+            sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
+        return add
+
+    wanted, tapped = set(targets), []
+    for mname, m in model.named_modules():
+        if isinstance(m, CastedLinear) and f"{mname}.weight" in wanted:
+            m._tap = tap(f"{mname}.weight")
+            tapped.append(m)
+    head = "tok_emb.weight" if model._tie_embeddings else "lm_head.weight"
+    norm = model.final_norm
+    if head in wanted:
+        model.final_norm = _TapOutput(norm, tap(head))
+    try:
+        for ids, segments in batches:
+            model.logits(ids, segments)
+            mx.eval(list(sums.values()))
+    finally:
+        for m in tapped:
+            m._tap = None
+        model.final_norm = norm
+    return {k: np.array(sums[k] / (divisor or len(batches))) for k in sorted(sums)}

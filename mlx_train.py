@@ -23,11 +23,12 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from mlx_model import build_model, load_numpy_state, numpy_state  # noqa: E402
+from mlx_model import build_model, collect_hessians, load_numpy_state, numpy_state  # noqa: E402
 from mlx_optim import Optimizers  # noqa: E402
 from shared import bpb, loop  # noqa: E402
 from shared.runlog import rss_peak_line  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
+from shared.quant.gptq import targets as gptq_targets  # noqa: E402
 from shared.segments import check_bos_features, require_bos, segment_ids  # noqa: E402
 
 CUDA_TRAINER = str(Path(__file__).resolve().with_name("cuda_train.py"))  # what ships, hence what code_bytes counts
@@ -193,6 +194,12 @@ class MLXBackend:
         batch = bpb.windows_per_batch(self.cfg.val_batch_size, self.cfg.train_seq_len)
         return bpb.evaluate(score, data.tokens, data.windows, self.cfg.train_seq_len, data.target_bytes, batch,
                             progress=bpb.progress_logger(log))
+
+    def hessians(self, cfg: Hyperparameters, batches: list) -> dict[str, np.ndarray]:
+        """GPTQ's Hessians of the current weights on these training micro-batches (mlx_model.collect_hessians),
+        each split into MLX_MAX_MICROBATCH_TOKENS chunks of rows; uncompiled (the taps are host callbacks)."""
+        chunks = [(mx.array(c), self._segments(c)) for x, _ in batches for c in _split(x, self.cfg)]
+        return collect_hessians(self.model, chunks, gptq_targets(cfg), divisor=len(batches))
 
     # -- collectives (one process) and machine --
     def any_rank(self, flag: bool) -> bool:

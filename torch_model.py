@@ -394,3 +394,34 @@ def numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
 def to_numpy(t: Tensor) -> np.ndarray:
     """An fp32 numpy copy: on a CPU .numpy() would share memory with the tensor."""
     return t.detach().float().cpu().numpy().copy()
+
+
+def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor | None]], targets: list[str],
+                     divisor: int | None = None) -> dict[str, np.ndarray]:
+    """GPTQ's H = sum of x^T x over every row x a target weight's matmul reads (RECORD_STACK.md §6.1), by
+    hooks, with no change to the model: a forward pre-hook on each target CastedLinear (it fires once per
+    application, so a looped layer adds every pass) and, for the tied head, a forward hook on final_norm (the
+    head's input). x is cast to the compute dtype as the matmul casts it, then to fp32; x^T x and the running
+    sum (in call order) are fp32 on the device, divided by `divisor` (default: the number of batches).
+    batches: (ids, segments or None) on the device. Returns float32 numpy arrays by weight name."""
+    sums: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().to(model.dtype).float().reshape(-1, x.shape[-1])
+        sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
+
+    wanted, handles = set(targets), []
+    for mname, m in model.named_modules():
+        if isinstance(m, CastedLinear) and f"{mname}.weight" in wanted:
+            handles.append(m.register_forward_pre_hook(lambda _m, args, n=f"{mname}.weight": add(n, args[0])))
+    head = "tok_emb.weight" if model.tie_embeddings else "lm_head.weight"
+    if head in wanted:
+        handles.append(model.final_norm.register_forward_hook(lambda _m, _args, out: add(head, out)))
+    try:
+        with torch.inference_mode():
+            for ids, segments in batches:
+                model.logits(ids, segments)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: to_numpy(sums[k] / (divisor or len(batches))) for k in sorted(sums)}

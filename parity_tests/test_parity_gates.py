@@ -62,8 +62,9 @@ def test_gate_rows_exist_only_when_enabled_and_leave_the_init_alone():
     want = {"smear_gate.weight": (1, 12), "smear_lambda": (1,)}
     want.update({f"blocks.{i}.attn.attn_gate_w": (cfg.num_heads, 12) for i in range(cfg.num_layers)})
     for name, shape in want.items():
+        store = "gate" if name.endswith("attn_gate_w") else "control"  # 'gate': int8 per row under QUANT=gptq
         assert (rows[name].shape, rows[name].init, rows[name].group, rows[name].store) == (shape, "zeros", "scalar",
-                                                                                           "control"), name
+                                                                                           store), name
     plain = {p.name for p in param_table(dataclasses.replace(cfg, smear_gate_enabled=False,
                                                              sparse_attn_gate_enabled=False))}
     assert plain == set(rows) - set(want)
@@ -74,7 +75,7 @@ def test_gate_rows_exist_only_when_enabled_and_leave_the_init_alone():
 
 
 def test_gate_rows_survive_the_artifact_quantizer_exactly():
-    """'control' rows of this size stay fp32 in the int8 scheme (the record's int8 gate is not ported)."""
+    """'control' and 'gate' rows of this size stay fp32 in the int8 scheme (QUANT=gptq stores gates int8)."""
     cfg = P.cfg_for("record_gates")
     state = C.random_state(cfg)
     tensors, index = quant.scheme(quant.DEFAULT_SCHEME).quantize(state, {p.name: p.store for p in param_table(cfg)})

@@ -29,7 +29,7 @@ MUON_NS_KINDS = ("quintic", "polar_express")  # coefficients in shared/spec.py
 _SAFE_ID = re.compile(r"([^./\x00][^/\x00]*)?")  # "" = unset (a fresh id at start)
 
 
-ROLES = ("model", "train", "eval", "run", "backend")
+ROLES = ("model", "train", "eval", "run", "backend", "export")
 # model:   shape and numerics of the network; an artifact is valid only under these.
 # train:   the training trajectory (data order, batch, optimizer, schedule, init); fixed across a resume.
 # eval:    how a score is computed (windows, batch, data and tokenizer paths); --eval may override.
@@ -37,8 +37,12 @@ ROLES = ("model", "train", "eval", "run", "backend")
 #          ITERATIONS, MAX_WALLCLOCK_SECONDS and GPTQ_RESERVE_SECONDS also place the warmdown: changing them on
 #          resume re-plans it.
 # backend: one framework's speed knobs and compute dtype; a resume or --eval may change.
+# export:  how the artifact is quantized and compressed (QUANT, bits, clips, LQER, COMPRESSOR); read once, after
+#          training, so a resume may change them; --eval may not (the artifact it scores is already written).
 EVAL_OVERRIDABLE = ("eval", "run", "backend")
-RESUME_CHANGEABLE = ("eval", "run", "backend")
+RESUME_CHANGEABLE = ("eval", "run", "backend", "export")
+QUANTS = ("int8", "gptq")  # shared/quant/: int8 = the official per-row int8; gptq = GPTQ + SDClip (+ LQER)
+COMPRESSORS = ("zstd", "lzma", "brotli", "entropy")  # shared/artifact.py; entropy = shared/quant/coding.py
 
 
 def _f(default: Any, role: str) -> Any:
@@ -130,6 +134,21 @@ class Hyperparameters:
     mlx_compile: bool = _f(True, "backend")
     mlx_ops: str = _f("auto", "backend")  # auto | fused | composed: see mlx_cpu_ops.select_ops
     mlx_streams: int = _f(0, "backend")  # chunks computed concurrently; 0 = auto (1 on Metal, one per CPU core up to 4)
+    # The artifact (RECORD_STACK.md §6; defaults: today's int8 + zstd-22; the others are the record's code defaults)
+    quant: str = _f("int8", "export")  # int8 | gptq (shared/quant/gptq.py)
+    compressor: str = _f("zstd", "export")  # zstd (22) | lzma (9) | brotli (11) | entropy (range coder + zstd)
+    matrix_bits: int = _f(6, "export")  # GPTQ integer width of the block matrices (R = 2^(b-1) - 1)
+    embed_bits: int = _f(8, "export")  # ... of tok_emb.weight (the record runs 7)
+    matrix_clip_sigmas: float = _f(12.85, "export")  # SDClip k: row scale = k * std(row) / R
+    attn_clip_sigmas: float = _f(13.0, "export")
+    mlp_clip_sigmas: float = _f(10.0, "export")  # the record runs 11.5
+    embed_clip_sigmas: float = _f(20.0, "export")  # the record runs 14.0
+    quant_passthrough_numel: int = _f(65_536, "export")  # gptq: matrices up to this size stay fp16 (record 65,536)
+    gptq_calibration_batches: int = _f(16, "export")  # training micro-batches whose activations give H = sum x^T x
+    lqer_enabled: bool = _f(False, "export")  # low-rank correction of the worst GPTQ tensors (§6.4)
+    lqer_rank: int = _f(4, "export")
+    lqer_top_k: int = _f(3, "export")  # tensors by ||W - W_hat||_F
+    lqer_asym_group: int = _f(64, "export")  # INT4 group size of the B factor
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], base: "Hyperparameters | None" = None) -> "Hyperparameters":
@@ -205,6 +224,7 @@ class Hyperparameters:
         self._validate_schedule()
         for name in ("muon_wd", "embed_wd", "adam_wd"):
             _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative decay grows the weights)")
+        self._validate_export()
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off; 1 would never move)")
         _require(self.adam_eps > 0, "adam_eps", "must be > 0 (0 divides by zero where a gradient is 0)")
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
@@ -212,6 +232,18 @@ class Hyperparameters:
                  f"{self.run_id!r} is not a usable file name in logs/: no '/', no NUL, not starting with '.'")
         _require(self.artifact_path == "" or not self.artifact_path.endswith(("/", os.sep)), "artifact_path",
                  f"{self.artifact_path!r} names a folder, not a file")
+
+    def _validate_export(self) -> None:
+        _require(self.quant in QUANTS, "quant", f"must be one of {QUANTS}")
+        _require(self.compressor in COMPRESSORS, "compressor", f"must be one of {COMPRESSORS}")
+        for name in ("matrix_bits", "embed_bits"):
+            _require(2 <= getattr(self, name) <= 8, name, "must be in [2, 8] (stored as int8)")
+        for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("gptq_calibration_batches", "lqer_rank", "lqer_top_k", "lqer_asym_group",
+                     "quant_passthrough_numel"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(not self.lqer_enabled or self.quant == "gptq", "lqer_enabled", "corrects GPTQ's error: set QUANT=gptq")
 
     def _validate_schedule(self) -> None:
         for name in ("warmdown_frac", "min_lr"):
@@ -326,7 +358,13 @@ PRESETS["record"] = dict(RECORD_MODEL, **RECORD_OPTIMIZER,
                          # last 85% floored at 0.1, 20 discarded compile steps (no LR warm-up)
                          max_wallclock_seconds=600.0, gptq_reserve_seconds=0.5, iterations=20_000,
                          warmdown_frac=0.85, min_lr=0.10, warmup_steps=20,
-                         ema_decay=0.9965)  # §5.6
+                         ema_decay=0.9965,  # §5.6
+                         # §6, §8: GPTQ int6 (embedding int7) with SDClip, calibrated on 16 training micro-batches,
+                         # LQER on the 3 worst tensors; our ANS coder instead of the record's lrzip/brotli serializer
+                         quant="gptq", compressor="entropy", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
+                         attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
+                         gptq_calibration_batches=16, lqer_enabled=True, lqer_rank=4, lqer_top_k=3,
+                         lqer_asym_group=64)
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.
@@ -353,7 +391,11 @@ PRESETS["mac"] = dict(RECORD_MODEL, **{**RECORD_OPTIMIZER, "muon_momentum_warmup
 PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
     RECORD_MODEL, vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
     xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4), **dict(
-    RECORD_OPTIMIZER, muon_momentum_warmup_steps=100), warmdown_frac=0.85, min_lr=0.10, ema_decay=0.95)
+    RECORD_OPTIMIZER, muon_momentum_warmup_steps=100), warmdown_frac=0.85, min_lr=0.10, ema_decay=0.95,
+    # the record's quantization; at width 64 no matrix passes the record's 65,536-element threshold, so 1,024 (every
+    # block matrix and the embedding go through GPTQ); 2 calibration micro-batches (16K tokens), LQER on 1 tensor
+    quant="gptq", compressor="entropy", matrix_bits=6, embed_bits=7, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
+    quant_passthrough_numel=1024, gptq_calibration_batches=2, lqer_enabled=True, lqer_top_k=1)
 
 
 def preset(name: str) -> Hyperparameters:

@@ -25,6 +25,7 @@ from shared.checkpoint import Slots, check_fingerprint, load_checkpoint, pack, s
 from shared.config import Hyperparameters, artifact_config_for_env, near_misses, parse_trainer_cli, with_run_id
 from shared.data import TokenLoader, train_pattern
 from shared.manifest import check_tokenizer
+from shared.quant.gptq import targets as gptq_targets
 from shared.runlog import RunLog, log_final, step_line, val_line
 from shared.schedule import (looping_active, lr_multiplier, muon_momentum, should_checkpoint, should_log_train,
                              should_validate, train_budget_ms)
@@ -51,6 +52,9 @@ class Backend(Protocol):
                    momentum: float) -> float: ...  # collective; the global mean loss
     def evaluate(self, data: bpb.EvalData, log: Callable | None) -> bpb.BpbAccumulator: ...  # collective
     def set_looping(self, on: bool) -> None: ...  # depth recurrence on/off for the next steps and scores (§3.2)
+    # QUANT=gptq, collective: H = sum of x^T x of each shared.quant.gptq.targets(cfg) weight's input over every
+    # rank's batches, divided by their total count; float32 numpy
+    def hessians(self, cfg: Hyperparameters, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]: ...
     def any_rank(self, flag: bool) -> bool: ...  # collective OR
     def max_over_ranks(self, value: float) -> float: ...  # collective MAX
     def broadcast_text(self, text: str) -> str: ...  # collective: rank 0's value
@@ -109,7 +113,7 @@ def train(make_backend: Callable[[Hyperparameters], Backend], files: tuple[str, 
     log(be.peak_memory_line())
     if cfg.ema_decay > 0:
         swap_in_ema(be, cfg, data, log, live)
-    path = export(be, cfg, tokenizer_sha)
+    path = export(be, cfg, tokenizer_sha, st.loader, log)
     score_artifact(be, path, cfg, data, log, files[1])
     be.finish()
 
@@ -134,6 +138,9 @@ def preflight(cfg: Hyperparameters, be: Backend) -> None:
             raise ValueError(f"CHECKPOINT_PATH={cfg.checkpoint_path!r} is not a valid template; only {{step}} "
                              f"may appear ({exc!r})") from None
         check_output_path(ckpt, "CHECKPOINT_PATH")
+    if cfg.quant == "gptq" and cfg.gptq_calibration_batches % be.world_size:
+        raise ValueError(f"GPTQ_CALIBRATION_BATCHES={cfg.gptq_calibration_batches} must be a multiple of WORLD_SIZE="
+                         f"{be.world_size} (the ranks share the calibration micro-batches)")
     need, have = estimate_memory_bytes(cfg, be.tokens_in_flight(cfg)), be.memory_bytes()
     if have is not None and need > have:
         raise ValueError(f"this config needs at least ~{need / 2**30:.1f} GiB ({be.tokens_in_flight(cfg)} tokens in "
@@ -302,11 +309,38 @@ def swap_in_ema(be: Backend, cfg: Hyperparameters, data: bpb.EvalData, log: RunL
     log(f"val_ema val_loss:{acc.val_loss:.4f} val_bpb:{acc.val_bpb:.4f} decay:{cfg.ema_decay}")
 
 
-def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str) -> str:
+def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str, loader: TokenLoader | None = None,
+           log: RunLog | None = None) -> str:
+    """Quantize (QUANT=gptq: calibrated on the next GPTQ_CALIBRATION_BATCHES micro-batch slots of the training
+    stream, shared among the ranks, whatever the world size), code, write on rank 0; logs each phase's seconds.
+    Without a loader GPTQ runs with H = I."""
     path = cfg.resolved_artifact_path()
+    hessians, timings = None, {}
+    if cfg.quant == "gptq" and loader is not None:
+        t0 = time.perf_counter()
+        batches = [loader.next_micro_batch(cfg.train_batch_tokens, cfg.train_seq_len)
+                   for _ in range(cfg.gptq_calibration_batches // be.world_size)]
+        be.set_looping(cfg.num_loops > 0)  # calibrated as scored: looped layers add every application
+        hessians = be.hessians(cfg, batches)
+        timings["hessians"] = time.perf_counter() - t0
     weights = be.weights()
-    on_rank0(be, lambda: artifact.save_artifact(path, weights, cfg, tokenizer_sha), f"artifact {path}")
+    on_rank0(be, lambda: artifact.save_artifact(path, weights, cfg, tokenizer_sha, hessians, timings),
+             f"artifact {path}")
+    if log is not None and be.rank == 0:
+        log(export_line(cfg, hessians, timings))
     return path
+
+
+def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, float]) -> str:
+    """quant:... compressor:... then the seconds of each phase; GPTQ without Hessians says so."""
+    line = f"export quant:{cfg.quant} compressor:{cfg.compressor}"
+    if cfg.quant == "gptq":
+        targets = gptq_targets(cfg)
+        missing = [n for n in targets if n not in (hessians or {})]
+        line += f" calibrated:{len(targets) - len(missing)}/{len(targets)}"
+        if missing:
+            line += f" identity_hessian(round-to-nearest):{','.join(missing[:3])}{'...' if len(missing) > 3 else ''}"
+    return line + "".join(f" {k}:{v:.2f}s" for k, v in timings.items())
 
 
 def score_artifact(be: Backend, path: str, cfg: Hyperparameters, data: bpb.EvalData, log: RunLog,

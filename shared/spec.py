@@ -26,8 +26,9 @@ from shared.config import MICRO_BATCHES_PER_STEP, MUON_NS_KINDS, Hyperparameters
 GROUP_OPTIMIZER = {"tok": "adam", "head": "adam", "scalar": "adam", "matrix": "muon"}
 OPTIMIZER_SLOTS = {"adam": ("m", "v", "step"), "muon": ("momentum",)}
 # How the artifact stores a row: 'control' tensors (small per-channel gains) stay fp32 when small;
-# 'weight' tensors are quantized (see shared/quant/).
-STORE_KINDS = ("control", "weight")
+# 'weight' tensors are quantized (see shared/quant/); 'gate' tensors are small matrices the int8 scheme keeps
+# exact (fp32, as 'control') and the gptq scheme stores int8 per row (the record's GATED_ATTN_QUANT_GATE, §6.3).
+STORE_KINDS = ("control", "weight", "gate")
 INIT_RULES = ("normal", "zeros", "ones", "const", "resid_mix", "linear_uniform", "orthogonal")
 
 # Newton-Schulz quintic coefficients for Muon's orthogonalisation (Keller Jordan's Muon,
@@ -142,11 +143,11 @@ def _smear_rows(cfg: Hyperparameters) -> list[Param]:
 
 def _attn_gate_rows(cfg: Hyperparameters, i: int) -> list[Param]:
     """SPARSE_ATTN_GATE_ENABLED (RECORD_STACK.md §3.4): G [H, W], zero-init (every head gated by 0.5 at init).
-    The record stores it int8 per row with an fp16 row scale (GATED_ATTN_QUANT_GATE=1); our int8 scheme keeps
-    tensors this small as floats, so 'control' keeps it exact (fp32) until a scheme does the record's int8."""
+    The record stores it int8 per row with an fp16 row scale (GATED_ATTN_QUANT_GATE=1): store kind 'gate' (the
+    gptq scheme does that; the int8 scheme keeps it exact in fp32, as before)."""
     if not cfg.sparse_attn_gate_enabled:
         return []
-    return [Param(f"blocks.{i}.attn.attn_gate_w", (cfg.num_heads, cfg.gate_window), "zeros", "scalar", "control")]
+    return [Param(f"blocks.{i}.attn.attn_gate_w", (cfg.num_heads, cfg.gate_window), "zeros", "scalar", "gate")]
 
 
 def _lane_rows(cfg: Hyperparameters) -> list[Param]:

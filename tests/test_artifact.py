@@ -9,8 +9,8 @@ import zstandard
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared.artifact import (HASHED_METADATA, ArtifactError, SizeReport, load_artifact, payload_sha256, read_artifact,
-                             save_artifact, size_report)
+from shared.artifact import (HASHED_METADATA_V3, ArtifactError, SizeReport, load_artifact, payload_sha256,
+                             read_artifact, save_artifact, size_report)
 from shared.config import Hyperparameters
 from shared.quant.int8 import dequantize, quantize
 from shared.shipped import code_files
@@ -269,7 +269,7 @@ def test_a_stored_config_this_code_rejects_is_named_with_the_file(tmp_path):
         cfg["adam_eps"] = 0.0
         meta["config"] = json.dumps(cfg, sort_keys=True)
         meta["payload_sha256"] = payload_sha256(st_load(zstandard.ZstdDecompressor().decompress(path.read_bytes())),
-                                                {k: meta[k] for k in HASHED_METADATA})
+                                                {k: meta[k] for k in HASHED_METADATA_V3})
     _rewrite(path, edit_meta=bad_config)
     with pytest.raises(ArtifactError, match=f"{path}.*ADAM_EPS"):
         load_artifact(path)

@@ -1,6 +1,6 @@
 """The official baseline's int8 scheme, in numpy so both frameworks write and read identical bits.
 
-- float tensors with <= 65,536 elements are kept: 'control' tensors in fp32, the rest in fp16;
+- float tensors with <= 65,536 elements are kept: 'control' and 'gate' tensors in fp32, the rest in fp16;
 - matrices: per row, clip |w| at its 99.99984th percentile, scale = max(clip/127, 1/127)
   stored in fp16, q = round(w/scale) in [-127, 127];
 - other large tensors: one fp32 scale per tensor.
@@ -14,13 +14,15 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_Q = 99.99984 / 100.0
 
 
-def quantize(state: dict[str, np.ndarray], stores: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None, hessians=None,
+             timings=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """cfg, hessians and timings are unused (the scheme interface passes them to every scheme)."""
     tensors, index = {}, {}
     for name in sorted(state):
         t = np.ascontiguousarray(state[name], dtype=np.float32)
         entry = {"shape": list(t.shape)}
         if t.size <= KEEP_FLOAT_MAX_NUMEL:
-            keep = np.float32 if stores[name] == "control" else np.float16
+            keep = np.float32 if stores[name] in ("control", "gate") else np.float16
             tensors[f"float:{name}"] = t.astype(keep)
             entry["kind"] = "float"
         elif t.ndim == 2:

@@ -1,0 +1,263 @@
+"""GPTQ with SDClip row scales, the record's quantizer (RECORD_STACK.md §6.2-§6.3), in numpy only.
+
+GPTQ: Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (arXiv 2210.17323): quantize one input column at a time and push its H-weighted
+error onto the columns not yet quantized, using the upper Cholesky factor of H^-1; act-order (columns by
+decreasing diag H), blocks of 128 columns with a lazy update of the rest, dampening 0.01 * mean(diag H).
+SDClip (the parameter-golf records, 2026-04): one scale per output row, s_r = fp16(k * std(W_r) / R), k the
+clip multiple in row standard deviations; the entropy of the integers is about b - log2(k) + const, so k is
+the artifact-size knob.
+
+Numerics: every GPTQ step runs in float64 (W, H, the Cholesky factor, the error propagation), so the integers
+depend only on the numpy weights and the Hessian, never on the framework that trained. Scales are rounded to
+fp16 before they are used for rounding, so the decoder's q * s is exactly what the encoder aimed at. Rounding
+is numpy's rint (half to even), as torch.round.
+
+Per tensor (first matching rule; RECORD_STACK.md §6.2 table; knobs in shared/config.py):
+    tok_emb.weight            EMBED_BITS,  EMBED_CLIP_SIGMAS
+    names with '.mlp.'        MATRIX_BITS, MLP_CLIP_SIGMAS
+    names with '.attn.'       MATRIX_BITS, ATTN_CLIP_SIGMAS
+    any other 'weight' row    MATRIX_BITS, MATRIX_CLIP_SIGMAS
+    with > 65,536 elements
+    (QUANT_PASSTHROUGH_NUMEL)
+    'gate' rows               int8 per row, s_r = fp16(max|W_r| / 127)  (§6.3)
+    everything else           fp16
+A matrix without a Hessian (no calibration) is quantized with H = I: GPTQ then reduces to round-to-nearest
+with the SDClip scales; its index entry says hessian 'identity' so the export can report it.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+NAME = "gptq_sdclip_v1"
+KEEP_FLOAT_MAX_NUMEL = 65_536  # the record's passthrough threshold (§6.3)
+BLOCK = 128  # GPTQ's lazy-update block (columns)
+DAMP = 0.01  # H += DAMP * mean(diag H) * I
+GATE_LEVELS = 127  # 'gate' tensors: symmetric int8 per row
+
+
+def is_gptq(store: str, shape: tuple[int, ...], passthrough: int = KEEP_FLOAT_MAX_NUMEL) -> bool:
+    """Which parameter-table rows GPTQ quantizes: 'weight' matrices with more than `passthrough` elements
+    (QUANT_PASSTHROUGH_NUMEL; the record's 65,536)."""
+    return store == "weight" and len(shape) == 2 and int(np.prod(shape)) > passthrough
+
+
+def targets(cfg) -> list[str]:
+    """The weights that want a Hessian (in table order). A tied tok_emb.weight's H is that of the head's input,
+    the final norm's output (§6.1); an untied embedding has none (its input is a lookup) and falls back to H = I."""
+    from shared.spec import param_table  # here: shared.spec imports nothing of quant, but keep imports light
+
+    return [p.name for p in param_table(cfg) if is_gptq(p.store, p.shape, cfg.quant_passthrough_numel)
+            and not (p.name == "tok_emb.weight" and not cfg.tie_embeddings)]
+
+
+def levels(bits: int) -> int:
+    """R = 2^(b-1) - 1: symmetric integers in [-R, R] (int6 -> 31, int7 -> 63)."""
+    return 2 ** (bits - 1) - 1
+
+
+def sdclip_scales(w: np.ndarray, k: float, bits: int) -> np.ndarray:
+    """fp16 per-row scales k * std(W_r, ddof=1) / R (std in float64). A row whose scale rounds to 0 (constant or
+    zero row, fp16 underflow) gets fp16(max|W_r| / R), or 1.0 for an all-zero row, so q stays finite."""
+    std = np.std(w.astype(np.float64), axis=1, ddof=1)
+    s = (k * std / levels(bits)).astype(np.float16)
+    bad = s == 0
+    if bad.any():
+        fallback = (np.abs(w[bad]).astype(np.float64).max(axis=1) / levels(bits)).astype(np.float16)
+        s[bad] = np.where(fallback == 0, np.float16(1.0), fallback)
+    return s
+
+
+def rule(name: str, cfg) -> tuple[int, float]:
+    """(bits, clip sigmas) of a GPTQ tensor (RECORD_STACK.md §6.2, first matching rule)."""
+    if name == "tok_emb.weight":
+        return cfg.embed_bits, cfg.embed_clip_sigmas
+    if ".mlp." in name:
+        return cfg.matrix_bits, cfg.mlp_clip_sigmas
+    if ".attn." in name:
+        return cfg.matrix_bits, cfg.attn_clip_sigmas
+    return cfg.matrix_bits, cfg.matrix_clip_sigmas
+
+
+def prepare_hessian(h: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dead columns (diag H == 0: an input never seen) get H[d, d] = 1 and W[:, d] = 0; then damping.
+    Returns (H damped, W with dead columns zeroed, the dead mask); float64 copies."""
+    h = np.array(h, dtype=np.float64)
+    w = np.array(w, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMP * np.mean(np.diag(h)) * np.eye(h.shape[0])
+    return h, w, dead
+
+
+def act_order(h: np.ndarray) -> np.ndarray:
+    """Column order by decreasing diag H; stable, so ties keep the lower index first."""
+    return np.argsort(-np.diag(h), kind="stable")
+
+
+def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+    """U upper-triangular with H^-1 = U^T U (GPTQ's reference: cholesky, cholesky_inverse, cholesky upper)."""
+    lower = np.linalg.cholesky(h)
+    inv_lower = np.linalg.solve(lower, np.eye(h.shape[0]))
+    h_inv = inv_lower.T @ inv_lower
+    return np.linalg.cholesky(h_inv).T
+
+
+def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scales: np.ndarray, bits: int,
+                  block: int = BLOCK) -> np.ndarray:
+    """int8 integers Q (rows, cols) in [-R, R] minimizing (W - Q*s) H (W - Q*s)^T greedily, column by column.
+    h None: round-to-nearest (the identity Hessian, exactly)."""
+    r = levels(bits)
+    s = scales.astype(np.float64)[:, None]  # (rows, 1): the fp16 values the decoder multiplies by
+    if h is None:
+        return np.clip(np.rint(w.astype(np.float64) / s), -r, r).astype(np.int8)
+    h, w, _ = prepare_hessian(h, w)
+    perm = act_order(h)
+    w, h = w[:, perm], h[np.ix_(perm, perm)]
+    u = upper_cholesky_of_inverse(h)
+    q = np.zeros(w.shape, dtype=np.float64)
+    cols = w.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        wb, err = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1))
+        for j in range(i2 - i1):
+            col = wb[:, j]
+            qj = np.clip(np.rint(col / s[:, 0]), -r, r)
+            q[:, i1 + j] = qj
+            err[:, j] = (col - qj * s[:, 0]) / u[i1 + j, i1 + j]
+            wb[:, j:] -= np.outer(err[:, j], u[i1 + j, i1 + j:i2])
+        w[:, i2:] -= err @ u[i1:i2, i2:]  # the lazy update of every later block
+    return q[:, np.argsort(perm)].astype(np.int8)
+
+
+def weighted_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T) in float64: GPTQ's objective (the layer's output error on calibration)."""
+    e = w.astype(np.float64) - w_hat.astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", e, h.astype(np.float64), e))
+
+
+def gate_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """§6.3's gate storage: s_r = fp16(max|W_r| / 127) (1.0 for a zero row), q = clamp(rint(W / s), +-127)."""
+    s = (np.abs(w).astype(np.float64).max(axis=1) / GATE_LEVELS).astype(np.float16)
+    s = np.where(s == 0, np.float16(1.0), s)
+    q = np.clip(np.rint(w.astype(np.float64) / s.astype(np.float64)[:, None]), -GATE_LEVELS, GATE_LEVELS)
+    return q.astype(np.int8), s
+
+
+def quantize(state: dict[str, np.ndarray], stores: dict[str, str], cfg=None,
+             hessians: dict[str, np.ndarray] | None = None,
+             timings: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """The scheme entry point (shared/quant/__init__.py). cfg supplies the bits and clip knobs; hessians maps
+    a weight name to its (cols, cols) H (any float dtype, used in float64); absent -> identity. timings, if
+    given, receives the seconds spent in 'gptq'."""
+    t0 = time.perf_counter()
+    if cfg is None:
+        raise ValueError(f"quant scheme {NAME} needs the config (MATRIX_BITS, EMBED_BITS, *_CLIP_SIGMAS)")
+    hessians = hessians or {}
+    tensors, index = {}, {}
+    for name in sorted(state):
+        t = np.ascontiguousarray(state[name], dtype=np.float32)
+        entry = {"shape": list(t.shape)}
+        if is_gptq(stores[name], t.shape, cfg.quant_passthrough_numel):
+            bits, k = rule(name, cfg)
+            s = sdclip_scales(t, k, bits)
+            h = hessians.get(name)
+            if h is not None and h.shape != (t.shape[1], t.shape[1]):
+                raise ValueError(f"Hessian of {name} has shape {h.shape}, expected {(t.shape[1], t.shape[1])}")
+            tensors[f"q:{name}"], tensors[f"scale:{name}"] = gptq_quantize(t, h, s, bits), s
+            entry.update(kind="int_per_row", bits=bits, clip_sigmas=k,
+                         hessian="calibrated" if h is not None else "identity")
+        elif stores[name] == "gate" and t.ndim == 2:
+            tensors[f"q:{name}"], tensors[f"scale:{name}"] = gate_int8(t)
+            entry.update(kind="int_per_row", bits=8)
+        else:
+            tensors[f"float:{name}"] = t.astype(np.float16)
+            entry["kind"] = "float"
+        index[name] = entry
+    if timings is not None:
+        timings["gptq"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cfg.lqer_enabled:
+        add_lqer(state, tensors, index, cfg.lqer_rank, cfg.lqer_top_k, cfg.lqer_asym_group)
+    if timings is not None:
+        timings["lqer"] = time.perf_counter() - t0
+    return tensors, index
+
+
+# ---- LQER (RECORD_STACK.md §6.4): a low-rank correction of the worst-quantized matrices ----
+# Zhang et al. 2024, "LQER: Low-Rank Quantization Error Reconstruction for LLMs" (arXiv 2402.02446): W ~ W_hat + A B
+# with A B the rank-r truncated SVD of E = W - W_hat. The record's asymmetric factor formats: A (rows x r) in 2 bits
+# with one fp16 scale, B (r x cols) in 4 bits with an fp16 scale per group of consecutive row-major elements.
+LQER_A_LO, LQER_A_HI, LQER_A_DIV = -2, 1, 1.5  # q_A = clamp(rint(A / s_A), -2, 1), s_A = fp16(max|A| / 1.5)
+LQER_B_LO, LQER_B_HI, LQER_B_DIV = -8, 7, 7.5  # q_B = clamp(rint(B / s_g), -8, 7), s_g = fp16(max|group| / 7.5)
+
+
+def _fp16_scale(x: np.ndarray, div: float) -> np.ndarray:
+    """fp16(max|x| / div) along the last axis; 1.0 where that is 0 (an all-zero factor or group)."""
+    s = (np.abs(x).max(axis=-1) / div).astype(np.float16)
+    return np.where(s == 0, np.float16(1.0), s)
+
+
+def lqer_factors(err: np.ndarray, rank: int, group: int) -> dict[str, np.ndarray]:
+    """Quantized rank-`rank` factors of err (float64 SVD; numpy's LAPACK gesdd): q_a int8 (rows, r), s_a fp16 (1,),
+    q_b int8 (r, cols), s_b fp16 (r * cols / group,)."""
+    u, sv, vt = np.linalg.svd(err.astype(np.float64), full_matrices=False)
+    rank = min(rank, len(sv))
+    a, b = u[:, :rank] * sv[:rank], vt[:rank]
+    s_a = _fp16_scale(a.reshape(1, -1), LQER_A_DIV)
+    q_a = np.clip(np.rint(a / s_a.astype(np.float64)), LQER_A_LO, LQER_A_HI)
+    groups = b.reshape(-1, group)
+    s_b = _fp16_scale(groups, LQER_B_DIV)
+    q_b = np.clip(np.rint(groups / s_b.astype(np.float64)[:, None]), LQER_B_LO, LQER_B_HI).reshape(b.shape)
+    return {"q_a": q_a.astype(np.int8), "s_a": s_a, "q_b": q_b.astype(np.int8), "s_b": s_b}
+
+
+def lqer_correction(q_a: np.ndarray, s_a: np.ndarray, q_b: np.ndarray, s_b: np.ndarray) -> np.ndarray:
+    """float32 A_hat B_hat, summed over the rank one outer product at a time in order (no BLAS: the same bits
+    on any machine)."""
+    a = q_a.astype(np.float32) * s_a.astype(np.float32)[0]
+    group = q_b.size // s_b.size
+    b = (q_b.astype(np.float32).reshape(-1, group) * s_b.astype(np.float32)[:, None]).reshape(q_b.shape)
+    out = np.zeros((a.shape[0], b.shape[1]), dtype=np.float32)
+    for k in range(a.shape[1]):
+        out += np.outer(a[:, k], b[k])
+    return out
+
+
+def add_lqer(state: dict[str, np.ndarray], tensors: dict[str, np.ndarray], index: dict[str, dict], rank: int,
+             top_k: int, group: int) -> list[str]:
+    """Rank every GPTQ tensor by ||W - W_hat||_F (absolute, float64) and give the top_k a correction; returns them."""
+    errors = {}
+    for name, entry in index.items():
+        if entry.get("hessian") is not None:  # the GPTQ matrices
+            w_hat = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
+            errors[name] = state[name].astype(np.float32) - w_hat
+    chosen = sorted(errors, key=lambda n: (-float(np.linalg.norm(errors[n].astype(np.float64))), n))[:top_k]
+    for name in chosen:
+        if (rank * errors[name].shape[1]) % group:
+            raise ValueError(f"LQER_ASYM_GROUP={group} does not divide the {rank} x {errors[name].shape[1]} "
+                             f"B factor of {name}")
+        for key, value in lqer_factors(errors[name], rank, group).items():
+            tensors[f"lqer_{key}:{name}"] = value
+        index[name]["lqer"] = {"rank": int(tensors[f"lqer_q_a:{name}"].shape[1]), "group": group}
+    return chosen
+
+
+def dequantize(tensors: dict[str, np.ndarray], index: dict[str, dict]) -> dict[str, np.ndarray]:
+    """float32 W_hat = q * s per row (the product in float32, as every reader computes it), plus the LQER
+    correction where the index has one."""
+    out = {}
+    for name, entry in index.items():
+        if entry["kind"] == "float":
+            t = tensors[f"float:{name}"].astype(np.float32)
+        elif entry["kind"] == "int_per_row":
+            t = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
+            if "lqer" in entry:
+                t = t + lqer_correction(*(tensors[f"lqer_{k}:{name}"] for k in ("q_a", "s_a", "q_b", "s_b")))
+        else:
+            raise ValueError(f"tensor {name}: unknown kind {entry['kind']!r} for scheme {NAME}")
+        out[name] = t.reshape(entry["shape"])
+    return out
