@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from mlx_model import build_model, load_numpy_state, numpy_state  # noqa: E402
 from mlx_optim import Optimizers  # noqa: E402
+from mlx_ttt import MLXTTT  # noqa: E402
 from shared import bpb, loop  # noqa: E402
 from shared.runlog import rss_peak_line  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
@@ -193,6 +194,10 @@ class MLXBackend:
         batch = bpb.windows_per_batch(self.cfg.val_batch_size, self.cfg.train_seq_len)
         return bpb.evaluate(score, data.tokens, data.windows, self.cfg.train_seq_len, data.target_bytes, batch,
                             progress=bpb.progress_logger(log))
+
+    def ttt_engine(self) -> MLXTTT:
+        """Score-first TTT over the built model (RECORD_STACK.md §7.2; mlx_ttt.py)."""
+        return MLXTTT(self.model, self.cfg, require_bos(self.bos_id, "TTT_ENABLED"))
 
     # -- collectives (one process) and machine --
     def any_rank(self, flag: bool) -> bool:
