@@ -268,6 +268,7 @@ class TTTResult:
     doc_nll: np.ndarray  # (D,) float64 nats per doc (after the reduce)
     docs: np.ndarray
     ledger: Ledger
+    position_nll: np.ndarray  # (N-1,) float32 nats by target position, this rank's docs only (0 elsewhere)
 
 
 @dataclass
@@ -277,6 +278,7 @@ class _Run:
     docs: np.ndarray
     ledger: Ledger
     sums: np.ndarray  # (D, 3) float64: nll, tokens, bytes
+    position_nll: np.ndarray  # (N-1,) float32, for the isolation tests and diagnostics
 
 
 def score_then_update(engine: Engine, lora, run: _Run, rows: ChunkRows, doc_ids: np.ndarray, c: int) -> None:
@@ -292,6 +294,7 @@ def add_scores(run: _Run, rows: ChunkRows, nll: np.ndarray, doc_ids: np.ndarray,
     for i in np.flatnonzero(rows.active[:doc_ids.size]):
         m = rows.scored[i]
         run.sums[doc_ids[i]] += (nll[i, m].sum(), m.sum(), run.data.target_bytes[rows.positions[i, m]].sum())
+        run.position_nll[rows.positions[i, m]] = nll[i, m]
     run.ledger.score(c, doc_ids[rows.active[:doc_ids.size]])
 
 
@@ -323,7 +326,8 @@ def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int
     """The whole TTT score: LoRA TTT over the queue, global SGD at each phase cut, the legality check, the BPB."""
     docs = find_docs(data.tokens, data.bos_id)
     queue = batch_queue(docs, cfg.ttt_batch_size)
-    run = _Run(cfg, data, docs, Ledger(len(docs)), np.zeros((len(docs), 3), np.float64))
+    run = _Run(cfg, data, docs, Ledger(len(docs)), np.zeros((len(docs), 3), np.float64),
+               np.zeros(max(data.tokens.size - 1, 0), np.float32))
     mine = rank_streams(cfg.ttt_streams, rank, world_size)
     boundaries = phase_boundaries(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases)
     cuts = phase_cuts(queue, boundaries)
@@ -345,7 +349,7 @@ def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int
     run.ledger.check(chunks, own)
     sums = engine.reduce_sum(run.sums.copy())
     acc = BpbAccumulator(np.array([sums[:, 0].sum(), sums[:, 1].sum(), sums[:, 2].sum()], np.float64))
-    return TTTResult(acc, sums[:, 0], docs, run.ledger)
+    return TTTResult(acc, sums[:, 0], docs, run.ledger, run.position_nll)
 
 
 def train_phase(engine: Engine, run: _Run, doc_ids: np.ndarray, log, phase: int) -> None:
