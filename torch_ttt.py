@@ -86,13 +86,14 @@ class TorchTTT:
     def update(self, lora: TorchLoRA) -> None:
         """One AdamW step (decoupled wd, bias-corrected, eps 1e-10) on sum over docs of the chunk-mean loss."""
         named = lora.params()
-        grads = torch.autograd.grad(lora.loss, [t for _, t in named])
+        grads = torch.autograd.grad(lora.loss, [t for _, t in named], allow_unused=True)  # None: unused, zero
         lora.loss, lora.step = None, lora.step + 1
         cfg, t = self.cfg, lora.step
         b1, b2, lr = cfg.ttt_beta1, cfg.ttt_beta2, cfg.ttt_lora_lr
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
         with torch.no_grad():
             for (key, p), g in zip(named, grads):
+                g = torch.zeros_like(p) if g is None else g
                 m = lora.m.setdefault(key, torch.zeros_like(p))
                 v = lora.v.setdefault(key, torch.zeros_like(p))
                 p.mul_(1.0 - lr * cfg.ttt_weight_decay)
