@@ -393,9 +393,9 @@ PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
     RECORD_MODEL, vocab_size=1024, num_layers=6, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
     xsa_last_n=6, loop_start=2, loop_end=3, parallel_start_layer=4), ema_decay=0.95,
     # TTT off (CI speed) but sized for the demo split when TTT_ENABLED=1: rank 4, chunks of 16 in windows of 128,
-    # 8 docs a batch, two phases over the first 64 docs, 1024-token SGD chunks
+    # 8 docs a batch, two phases over the first 24 docs (the demo split has 52), 1024-token SGD chunks
     ttt_lora_rank=4, ttt_lora_alpha=8.0, ttt_lora_lr=1e-3, ttt_chunk_size=16, ttt_eval_seq_len=128,
-    ttt_batch_size=8, ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_streams=4, phased_ttt_prefix_docs=64,
+    ttt_batch_size=8, ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_streams=4, phased_ttt_prefix_docs=24,
     phased_ttt_num_phases=2, global_ttt_chunk_tokens=1024)
 
 
