@@ -11,8 +11,9 @@ documents already scored. This module decides everything that is not tensor math
   size or on timing (the record claims batches through a file-locked counter: timing-dependent, §10.4 item 14);
 - chunks: window of up to TTT_EVAL_SEQ_LEN tokens of the document's own context ending at the chunk (chunk_rows);
 - phases: boundaries are document counts of the queue (phase_cuts), never timings;
-- accounting: float64 sums per document, reduced across ranks, summed in document order: the same BPB to the last
-  bit for any world size that divides nothing in particular (streams are whole units of work);
+- accounting: float64 sums per document (bytes from EvalData.target_bytes at each target's position), reduced
+  across ranks, summed in document order: without global phases the same BPB to the last bit for any world size
+  up to TTT_STREAMS (streams are whole units of work); a phase's all-reduced SGD gradient rounds by world size;
 - legality: the driver scores a chunk (adds it to the sums and to the ledger) before it asks for the update that
   uses it; Ledger.check replays the events and raises TTTLegalityError on any update that precedes the score of a
   token it used. It runs at the end of every TTT evaluation.
