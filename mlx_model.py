@@ -157,6 +157,11 @@ def sparse_attn_gate(y: mx.array, n: mx.array, weight: mx.array, scale: float) -
     return y.astype(mx.float32) * g
 
 
+def adapters(lora: list | None, j: int) -> dict:
+    """Keyword arguments of layer application j: none without TTT, so the default calls stay as they were."""
+    return {} if lora is None else {"lora": lora[j]}
+
+
 def merge_lanes(lane0: mx.array, lane1: mx.array) -> mx.array:
     """PARALLEL_START_LAYER: the two lanes end as their mean (the record's PARALLEL_FINAL_LANE=mean, §3.7)."""
     return 0.5 * (lane0 + lane1)
@@ -214,15 +219,13 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, dim, dtype)
         self._leaky_slope = leaky_slope if act == "leaky_relu2" else None
 
-    def __call__(self, x: mx.array, lora: LoRAApp | None = None) -> mx.array:
-        n = x
+    def __call__(self, x: mx.array) -> mx.array:
         x = self.fc(x)
         if self._leaky_slope is None:
             x = nn.relu(x)
         else:  # leaky_relu2 (RECORD_STACK.md §3.5): x for x > 0, slope * x otherwise
             x = mx.where(x > 0, x, self._leaky_slope * x)
-        out = self.proj(mx.square(x))  # relu^2 / leaky_relu^2
-        return out if lora is None else lora.add("mlp", out, n)  # parallel to the whole MLP, before beta (§7.2)
+        return self.proj(mx.square(x))  # relu^2 / leaky_relu^2
 
 
 class Block(nn.Module):
@@ -247,8 +250,12 @@ class Block(nn.Module):
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
         x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc, lora)
-        x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x), lora)
+        x = x + self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(x), lora)
         return x
+
+    def mlp_out(self, n: mx.array, lora: LoRAApp | None) -> mx.array:
+        """The MLP of n, plus the TTT adapter's delta of n when adapted (parallel to the whole MLP, before beta)."""
+        return self.mlp(n) if lora is None else lora.add("mlp", self.mlp(n), n)
 
     def parallel(self, lane0: mx.array, lane1: mx.array, x0: mx.array, post: mx.array, resid: mx.array,
                  doc: mx.array | tuple | None = None, lora: LoRAApp | None = None) -> tuple[mx.array, mx.array]:
@@ -258,7 +265,7 @@ class Block(nn.Module):
         mix = self.resid_mix
         u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
         a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc, lora)
-        m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1), lora)
+        m = self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(lane1), lora)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
@@ -307,18 +314,18 @@ class GPT(nn.Module):
         plan = self._plan_looped if self._looping else self._plan_unlooped
         skips = []
         for j, i in enumerate(plan.encoder):
-            x = self.blocks[i](x, x0, doc, None if lora is None else lora[j])
+            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
         for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
-            app = None if lora is None else lora[j]
+            app = adapters(lora, j)
             if lanes is None and 0 < self._parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, app)
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
             else:
                 lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, app)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)

@@ -192,6 +192,11 @@ def sparse_attn_gate(y: Tensor, n: Tensor, weight: Tensor, scale: float) -> Tens
     return y.float() * g
 
 
+def adapters(lora: list | None, j: int) -> dict:
+    """Keyword arguments of layer application j: none without TTT, so the default calls stay as they were."""
+    return {} if lora is None else {"lora": lora[j]}
+
+
 def merge_lanes(lane0: Tensor, lane1: Tensor) -> Tensor:
     """PARALLEL_START_LAYER: the two lanes end as their mean (the record's PARALLEL_FINAL_LANE=mean, §3.7)."""
     return 0.5 * (lane0 + lane1)
@@ -248,15 +253,13 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, dim, dtype)
         self.leaky_slope = leaky_slope if act == "leaky_relu2" else None
 
-    def forward(self, x: Tensor, lora: LoRAApp | None = None) -> Tensor:
-        n = x
+    def forward(self, x: Tensor) -> Tensor:
         x = self.fc(x)
         if self.leaky_slope is None:
             x = torch.relu(x)
         else:  # leaky_relu2 (RECORD_STACK.md §3.5): x for x > 0, slope * x otherwise
             x = F.leaky_relu(x, negative_slope=self.leaky_slope)
-        out = self.proj(x.square())  # relu^2 / leaky_relu^2
-        return out if lora is None else lora.add("mlp", out, n)  # parallel to the whole MLP, before beta (§7.2)
+        return self.proj(x.square())  # relu^2 / leaky_relu^2
 
 
 class Block(nn.Module):
@@ -281,8 +284,12 @@ class Block(nn.Module):
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
         x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc, lora)
-        x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x), lora)
+        x = x + self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(x), lora)
         return x
+
+    def mlp_out(self, n: Tensor, lora: LoRAApp | None) -> Tensor:
+        """The MLP of n, plus the TTT adapter's delta of n when adapted (parallel to the whole MLP, before beta)."""
+        return self.mlp(n) if lora is None else lora.add("mlp", self.mlp(n), n)
 
     def parallel(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor, resid: Tensor,
                  doc: Tensor | VarlenSegments | None = None, lora: LoRAApp | None = None) -> tuple[Tensor, Tensor]:
@@ -292,7 +299,7 @@ class Block(nn.Module):
         mix = self.resid_mix
         u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
         a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc, lora)
-        m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1), lora)
+        m = self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(lane1), lora)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
@@ -338,18 +345,18 @@ class GPT(nn.Module):
         plan = self.plan_looped if self.looping else self.plan_unlooped
         skips = []
         for j, i in enumerate(plan.encoder):
-            x = self.blocks[i](x, x0, doc, None if lora is None else lora[j])
+            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
         for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
-            app = None if lora is None else lora[j]
+            app = adapters(lora, j)
             if lanes is None and 0 < self.parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, app)
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
             else:
                 lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, app)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
