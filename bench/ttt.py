@@ -3,7 +3,7 @@
 
     PRESET=tiny_record ITERATIONS=300 python mlx_train.py          # a small model on the demo data
     python bench/ttt.py artifacts/RUN.int8.zst                      # both frameworks, the artifact's TTT knobs
-    TTT_LORA_LR=3e-3 python bench/ttt.py artifacts/RUN.int8.zst --frameworks torch
+    TTT_LORA_LR=3e-3 python bench/ttt.py artifacts/RUN.int8.zst --frameworks torch --docs 12   # first 12 docs
 
 Eval/backend knobs come from the environment as for --eval (shared/config.artifact_config_for_env); the plain
 score uses the trainers' own evaluate (EVAL_STRIDE windows), the TTT rows shared/ttt.evaluate_ttt.
@@ -46,14 +46,26 @@ def run_case(name: str, cfg, state, data: bpb.EvalData, case: str) -> tuple[floa
     return acc.val_bpb, time.perf_counter() - t0
 
 
+def first_docs(data: bpb.EvalData, cfg, n: int) -> bpb.EvalData:
+    """The split cut after its first n documents (through the next BOS, as TTT counts them); windows recomputed."""
+    docs = ttt.find_docs(data.tokens, data.bos_id)
+    if n <= 0 or n >= len(docs):
+        return data
+    end = int(docs[n - 1].sum()) + 1  # tokens[start : start + n_pred + 1]
+    windows = bpb.eval_windows(end, cfg.train_seq_len, cfg.eval_stride)
+    return dataclasses.replace(data, tokens=data.tokens[:end], windows=windows,
+                               target_bytes=data.target_bytes[:end - 1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
     ap.add_argument("--frameworks", default="torch,mlx")
+    ap.add_argument("--docs", type=int, default=0, help="score only the first N documents (0: all)")
     args = ap.parse_args()
     art = artifact.read_artifact(args.artifact)
     cfg = artifact_config_for_env(art.cfg, os.environ, f"artifact {args.artifact}")
-    data = bpb.load_eval_data(cfg)
+    data = first_docs(bpb.load_eval_data(cfg), cfg, args.docs)
     docs = ttt.find_docs(data.tokens, data.bos_id)
     print(f"artifact:{args.artifact} val_tokens:{data.tokens.size} docs:{len(docs)} lora_rank:{cfg.ttt_lora_rank} "
           f"chunk:{cfg.ttt_chunk_size} window:{cfg.ttt_eval_seq_len} batch:{cfg.ttt_batch_size} "
