@@ -28,6 +28,7 @@ from shared.spec import micro_batch_tokens
 from shared.quant.gptq import targets as gptq_targets
 from torch_model import build_model, collect_hessians, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
 from torch_optim import Optimizers
+from torch_ttt import TorchTTT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -176,7 +177,17 @@ class TorchBackend:
             out[name] = to_numpy(t / (len(batches) * self.world_size))
         return out
 
+    def ttt_engine(self) -> TorchTTT:
+        """Score-first TTT over the built model (RECORD_STACK.md §7.2; torch_ttt.py); freezes the base weights."""
+        return TorchTTT(self.model, self.cfg, require_bos(self.bos_id, "TTT_ENABLED"), self.rank, self.world_size,
+                        self._all_reduce_sum, self._all_reduce_tensors)
+
     # -- collectives and machine --
+    def _all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
+        if self.world_size > 1:
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
     def _all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         if self.world_size == 1:
             return values

@@ -11,6 +11,7 @@ from __future__ import annotations
 from mlx_cpu_ops import select_ops, uses_per_segment  # first: it puts a fast BLAS under mlx[cpu] before mlx loads
 
 import math  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -61,6 +62,22 @@ class CastedLinear(nn.Module):
         if self._tap is not None:
             self._tap(x)
         return x.astype(self._dtype) @ self.weight.astype(self._dtype).T
+
+
+class LoRAApp(NamedTuple):
+    """Score-first TTT's adapters of one layer application (RECORD_STACK.md §7.2), one slot per document:
+    delta(x) = (x A^T) B^T * alpha/r with A (B, r, in), B (B, out, r). `weights` maps a target (q, k, v, o, mlp;
+    head on the last) to its (A, B); mlx_ttt.py builds them. With lora=None the model never reads one."""
+    weights: dict
+    scale: float
+    dtype: mx.Dtype
+
+    def add(self, name: str, out: mx.array, x: mx.array) -> mx.array:
+        if name not in self.weights:
+            return out
+        a, b = self.weights[name]
+        h = x.astype(self.dtype) @ a.astype(self.dtype).transpose(0, 2, 1)  # (B, T, r)
+        return out + (h @ b.astype(self.dtype).transpose(0, 2, 1)).astype(mx.float32) * self.scale  # fp32 (B, T, out)
 
 
 class Rotary(nn.Module):
@@ -144,6 +161,11 @@ def sparse_attn_gate(y: mx.array, n: mx.array, weight: mx.array, scale: float) -
     return y.astype(mx.float32) * g
 
 
+def adapters(lora: list | None, j: int) -> dict:
+    """Keyword arguments of layer application j: none without TTT, so the default calls stay as they were."""
+    return {} if lora is None else {"lora": lora[j]}
+
+
 def merge_lanes(lane0: mx.array, lane1: mx.array) -> mx.array:
     """PARALLEL_START_LAYER: the two lanes end as their mean (the record's PARALLEL_FINAL_LANE=mean, §3.7)."""
     return 0.5 * (lane0 + lane1)
@@ -169,11 +191,14 @@ class CausalSelfAttention(nn.Module):
         if gate_window:
             self.attn_gate_w = mx.zeros((num_heads, gate_window))
 
-    def __call__(self, x: mx.array, doc: mx.array | tuple | None = None) -> mx.array:
+    def __call__(self, x: mx.array, doc: mx.array | tuple | None = None, lora: LoRAApp | None = None) -> mx.array:
         bsz, seqlen, dim = x.shape
-        q = self.c_q(x).reshape(bsz, seqlen, self._num_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = self.c_k(x).reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        v = self.c_v(x).reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:  # TTT adapters add to the frozen projections (§7.2)
+            q, k, v = lora.add("q", q, x), lora.add("k", k, x), lora.add("v", v, x)
+        q = q.reshape(bsz, seqlen, self._num_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = k.reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
+        v = v.reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)
         q = rms_norm(q)  # fp32 from here to the kernel
         k = rms_norm(k)
         cos, sin = self.rotary(seqlen)
@@ -187,7 +212,8 @@ class CausalSelfAttention(nn.Module):
         if self._gate_window:
             y = sparse_attn_gate(y, x, self.attn_gate_w, self._gate_scale)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, seqlen, dim)
-        return self.proj(y)
+        out = self.proj(y)
+        return out if lora is None else lora.add("o", out, x)  # the o adapter reads n, not W_o's input (§7.2)
 
 
 class MLP(nn.Module):
@@ -223,22 +249,27 @@ class Block(nn.Module):
         self.mlp_scale = mx.ones((dim,))
         self.resid_mix = mx.stack([mx.ones((dim,)), mx.zeros((dim,))])
 
-    def __call__(self, x: mx.array, x0: mx.array, doc: mx.array | tuple | None = None) -> mx.array:
+    def __call__(self, x: mx.array, x0: mx.array, doc: mx.array | tuple | None = None,
+                 lora: LoRAApp | None = None) -> mx.array:
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
-        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc)
-        x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc, lora)
+        x = x + self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(x), lora)
         return x
 
-    def parallel(self, lane0: mx.array, lane1: mx.array, x0: mx.array, post: mx.array,
-                 resid: mx.array, doc: mx.array | tuple | None = None) -> tuple[mx.array, mx.array]:
+    def mlp_out(self, n: mx.array, lora: LoRAApp | None) -> mx.array:
+        """The MLP of n, plus the TTT adapter's delta of n when adapted (parallel to the whole MLP, before beta)."""
+        return self.mlp(n) if lora is None else lora.add("mlp", self.mlp(n), n)
+
+    def parallel(self, lane0: mx.array, lane1: mx.array, x0: mx.array, post: mx.array, resid: mx.array,
+                 doc: mx.array | tuple | None = None, lora: LoRAApp | None = None) -> tuple[mx.array, mx.array]:
         """Two residual lanes (RECORD_STACK.md §3.7, from the 2026-03-31 ParallelResiduals record): attention
         reads lane 0 mixed with x0, the MLP reads lane 1 alone (not this layer's attention); post[s, l] sends
         sublayer s (0 attention, 1 MLP) into lane l, resid[l] scales lane l. fp32 like the residual stream."""
         mix = self.resid_mix
         u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
-        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc)
-        m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1))
+        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc, lora)
+        m = self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(lane1), lora)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
@@ -273,9 +304,11 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: mx.array, segments: mx.array | None = None) -> mx.array:
+    def logits(self, input_ids: mx.array, segments: mx.array | None = None,
+               lora: list[LoRAApp] | None = None) -> mx.array:
         """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
-        RoPE positions stay the index within the row either way (RECORD_STACK.md §4)."""
+        RoPE positions stay the index within the row either way (RECORD_STACK.md §4).
+        lora: TTT adapters, one LoRAApp per layer application of the plan (looped passes apart), then the head's."""
         doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self._smear_gate_enabled:
@@ -284,23 +317,26 @@ class GPT(nn.Module):
         x0 = x
         plan = self._plan_looped if self._looping else self._plan_unlooped
         skips = []
-        for i in plan.encoder:
-            x = self.blocks[i](x, x0, doc)
+        for j, i in enumerate(plan.encoder):
+            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
-        for i, slot in zip(plan.decoder, plan.skip_slots):
+        for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
+            app = adapters(lora, j)
             if lanes is None and 0 < self._parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc)
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
             else:
                 lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self._tie_embeddings else self.lm_head.weight
         z = (x.astype(self._dtype) @ w.astype(self._dtype).T).astype(mx.float32)  # (B, T, V), softcap/loss in fp32
+        if lora is not None:
+            z = lora[-1].add("head", z, x)  # before the softcap (§7.2)
         return self._logit_softcap * self._ops.tanh(z / self._logit_softcap)
 
     def add_skip(self, x: mx.array, skip: mx.array, slot: int) -> mx.array:
@@ -326,8 +362,9 @@ class GPT(nn.Module):
             return segment_ranges(segments)
         return segment_mask(segments)
 
-    def token_nll(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None) -> mx.array:
-        logits = self.logits(input_ids, segments)
+    def token_nll(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None,
+                  lora: list[LoRAApp] | None = None) -> mx.array:
+        logits = self.logits(input_ids, segments, lora)
         return self._ops.token_nll(logits, target_ids)  # (B, T) nats, fp32
 
     def __call__(self, input_ids: mx.array, target_ids: mx.array, segments: mx.array | None = None) -> mx.array:

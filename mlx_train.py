@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from mlx_model import build_model, collect_hessians, load_numpy_state, numpy_state  # noqa: E402
 from mlx_optim import Optimizers  # noqa: E402
+from mlx_ttt import MLXTTT  # noqa: E402
 from shared import bpb, loop  # noqa: E402
 from shared.runlog import rss_peak_line  # noqa: E402
 from shared.config import Hyperparameters  # noqa: E402
@@ -200,6 +201,10 @@ class MLXBackend:
         each split into MLX_MAX_MICROBATCH_TOKENS chunks of rows; uncompiled (the taps are host callbacks)."""
         chunks = [(mx.array(c), self._segments(c)) for x, _ in batches for c in _split(x, self.cfg)]
         return collect_hessians(self.model, chunks, gptq_targets(cfg), divisor=len(batches))
+
+    def ttt_engine(self) -> MLXTTT:
+        """Score-first TTT over the built model (RECORD_STACK.md §7.2; mlx_ttt.py)."""
+        return MLXTTT(self.model, self.cfg, require_bos(self.bos_id, "TTT_ENABLED"))
 
     # -- collectives (one process) and machine --
     def any_rank(self, flag: bool) -> bool:

@@ -65,6 +65,22 @@ class CastedLinear(nn.Linear):
         return F.linear(x.to(self.dtype), self.weight.to(self.dtype))
 
 
+class LoRAApp(NamedTuple):
+    """Score-first TTT's adapters of one layer application (RECORD_STACK.md §7.2), one slot per document:
+    delta(x) = (x A^T) B^T * alpha/r with A (B, r, in), B (B, out, r). `weights` maps a target (q, k, v, o, mlp;
+    head on the last) to its (A, B); torch_ttt.py builds them. With lora=None the model never reads one."""
+    weights: dict
+    scale: float
+    dtype: torch.dtype
+
+    def add(self, name: str, out: Tensor, x: Tensor) -> Tensor:
+        if name not in self.weights:
+            return out
+        a, b = self.weights[name]
+        h = torch.matmul(x.to(self.dtype), a.to(self.dtype).transpose(1, 2))  # (B, T, r)
+        return out + torch.matmul(h, b.to(self.dtype).transpose(1, 2)).float() * self.scale  # fp32 (B, T, out)
+
+
 class Rotary(nn.Module):
     def __init__(self, dim: int, base: float):
         super().__init__()
@@ -176,6 +192,11 @@ def sparse_attn_gate(y: Tensor, n: Tensor, weight: Tensor, scale: float) -> Tens
     return y.float() * g
 
 
+def adapters(lora: list | None, j: int) -> dict:
+    """Keyword arguments of layer application j: none without TTT, so the default calls stay as they were."""
+    return {} if lora is None else {"lora": lora[j]}
+
+
 def merge_lanes(lane0: Tensor, lane1: Tensor) -> Tensor:
     """PARALLEL_START_LAYER: the two lanes end as their mean (the record's PARALLEL_FINAL_LANE=mean, §3.7)."""
     return 0.5 * (lane0 + lane1)
@@ -201,11 +222,14 @@ class CausalSelfAttention(nn.Module):
         if gate_window:
             self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, gate_window))
 
-    def forward(self, x: Tensor, doc: Tensor | VarlenSegments | None = None) -> Tensor:
+    def forward(self, x: Tensor, doc: Tensor | VarlenSegments | None = None, lora: LoRAApp | None = None) -> Tensor:
         bsz, seqlen, dim = x.shape
-        q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.c_v(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:  # TTT adapters add to the frozen projections (§7.2)
+            q, k, v = lora.add("q", q, x), lora.add("k", k, x), lora.add("v", v, x)
+        q = q.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = rms_norm(q)  # fp32 from here to the kernel
         k = rms_norm(k)
         cos, sin = self.rotary(seqlen)
@@ -218,7 +242,8 @@ class CausalSelfAttention(nn.Module):
         if self.gate_window:
             y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
         y = y.transpose(1, 2).reshape(bsz, seqlen, dim)
-        return self.proj(y)
+        out = self.proj(y)
+        return out if lora is None else lora.add("o", out, x)  # the o adapter reads n, not W_o's input (§7.2)
 
 
 class MLP(nn.Module):
@@ -254,22 +279,27 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, doc: Tensor | VarlenSegments | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, doc: Tensor | VarlenSegments | None = None,
+                lora: LoRAApp | None = None) -> Tensor:
         mix = self.resid_mix
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0  # fp32 residual stream
-        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc)
-        x = x + self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(x))
+        x = x + self.attn_scale[None, None, :] * self.attn(self.attn_norm(x), doc, lora)
+        x = x + self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(x), lora)
         return x
 
+    def mlp_out(self, n: Tensor, lora: LoRAApp | None) -> Tensor:
+        """The MLP of n, plus the TTT adapter's delta of n when adapted (parallel to the whole MLP, before beta)."""
+        return self.mlp(n) if lora is None else lora.add("mlp", self.mlp(n), n)
+
     def parallel(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor, resid: Tensor,
-                 doc: Tensor | VarlenSegments | None = None) -> tuple[Tensor, Tensor]:
+                 doc: Tensor | VarlenSegments | None = None, lora: LoRAApp | None = None) -> tuple[Tensor, Tensor]:
         """Two residual lanes (RECORD_STACK.md §3.7, from the 2026-03-31 ParallelResiduals record): attention
         reads lane 0 mixed with x0, the MLP reads lane 1 alone (not this layer's attention); post[s, l] sends
         sublayer s (0 attention, 1 MLP) into lane l, resid[l] scales lane l. fp32 like the residual stream."""
         mix = self.resid_mix
         u = mix[0][None, None, :] * lane0 + mix[1][None, None, :] * x0
-        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc)
-        m = self.mlp_scale[None, None, :] * self.mlp(self.mlp_norm(lane1))
+        a = self.attn_scale[None, None, :] * self.attn(self.attn_norm(u), doc, lora)
+        m = self.mlp_scale[None, None, :] * self.mlp_out(self.mlp_norm(lane1), lora)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
@@ -302,9 +332,10 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: Tensor, segments: Tensor | None = None) -> Tensor:
+    def logits(self, input_ids: Tensor, segments: Tensor | None = None, lora: list[LoRAApp] | None = None) -> Tensor:
         """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
-        RoPE positions stay the index within the row either way (RECORD_STACK.md §4)."""
+        RoPE positions stay the index within the row either way (RECORD_STACK.md §4).
+        lora: TTT adapters, one LoRAApp per layer application of the plan (looped passes apart), then the head's."""
         doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self.smear_gate_enabled:
@@ -313,23 +344,26 @@ class GPT(nn.Module):
         x0 = x
         plan = self.plan_looped if self.looping else self.plan_unlooped
         skips = []
-        for i in plan.encoder:
-            x = self.blocks[i](x, x0, doc)
+        for j, i in enumerate(plan.encoder):
+            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
             skips.append(x)
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
-        for i, slot in zip(plan.decoder, plan.skip_slots):
+        for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
+            app = adapters(lora, j)
             if lanes is None and 0 < self.parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc)
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
             else:
                 lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
         z = F.linear(x.to(self.dtype), w.to(self.dtype)).float()  # (B, T, V), softcap and loss in fp32
+        if lora is not None:
+            z = lora[-1].add("head", z, x)  # before the softcap (§7.2)
         return self.logit_softcap * torch.tanh(z / self.logit_softcap)
 
     def add_skip(self, x: Tensor, skip: Tensor, slot: int) -> Tensor:
@@ -356,8 +390,9 @@ class GPT(nn.Module):
             return varlen_segments(segments)
         return segment_mask(segments)
 
-    def token_nll(self, input_ids: Tensor, target_ids: Tensor, segments: Tensor | None = None) -> Tensor:
-        logits = self.logits(input_ids, segments)
+    def token_nll(self, input_ids: Tensor, target_ids: Tensor, segments: Tensor | None = None,
+                  lora: list[LoRAApp] | None = None) -> Tensor:
+        logits = self.logits(input_ids, segments, lora)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.reshape(target_ids.shape)  # (B, T) nats, fp32
 

@@ -122,6 +122,31 @@ class Hyperparameters:
     enable_looping_at: float = _f(0.35, "train")  # training fraction (wallclock, else steps) where looping starts
     parallel_start_layer: int = _f(0, "model")  # decoder layers >= this run as two residual lanes (§3.7); 0 = off
     doc_isolated_attn: bool = _f(False, "model")  # attention stays inside each document of a row (split at BOS)
+    # Score-first TTT (RECORD_STACK.md §7.2; shared/ttt.py): the scored number when TTT_ENABLED. Defaults are the
+    # record's code defaults; PRESET=record sets its logged values.
+    ttt_enabled: bool = _f(False, "eval")
+    ttt_lora_rank: int = _f(96, "eval")
+    ttt_lora_alpha: float = _f(144.0, "eval")  # adapter scale alpha / rank
+    ttt_lora_lr: float = _f(1e-4, "eval")  # constant
+    ttt_chunk_size: int = _f(48, "eval")  # predictions scored (then trained on) per step
+    ttt_eval_seq_len: int = _f(2048, "eval")  # window of the document's own context; also global SGD's rows
+    ttt_batch_size: int = _f(64, "eval")  # documents per batch, one adapter slot each
+    ttt_beta1: float = _f(0.0, "eval")
+    ttt_beta2: float = _f(0.999, "eval")
+    ttt_weight_decay: float = _f(1.0, "eval")  # decoupled: p <- p (1 - lr wd)
+    ttt_warm_start_a: bool = _f(True, "eval")  # keep A between a stream's batches (B and Adam always reset)
+    ttt_k_lora: bool = _f(True, "eval")
+    ttt_o_lora: bool = _f(True, "eval")
+    ttt_mlp_lora: bool = _f(True, "eval")
+    ttt_streams: int = _f(8, "eval")  # ours: virtual work streams; a rank owns whole ones (any world size <= it)
+    phased_ttt_prefix_docs: int = _f(2000, "eval")
+    phased_ttt_num_phases: int = _f(1, "eval")  # 0: no global SGD
+    global_ttt_lr: float = _f(1e-3, "eval")
+    global_ttt_momentum: float = _f(0.9, "eval")
+    global_ttt_chunk_tokens: int = _f(32_768, "eval")
+    global_ttt_grad_clip: float = _f(1.0, "eval")  # on the rank-averaged gradient; 0 = off
+    global_ttt_epochs: int = _f(1, "eval")
+    global_ttt_warmup_chunks: int = _f(0, "eval")
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
@@ -226,6 +251,7 @@ class Hyperparameters:
             _require(getattr(self, name) >= 0, name, "must be >= 0 (a negative decay grows the weights)")
         self._validate_export()
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off; 1 would never move)")
+        self._validate_ttt()
         _require(self.adam_eps > 0, "adam_eps", "must be > 0 (0 divides by zero where a gradient is 0)")
         _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         _require(_SAFE_ID.fullmatch(self.run_id) is not None, "run_id",
@@ -244,6 +270,22 @@ class Hyperparameters:
                      "quant_passthrough_numel"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(not self.lqer_enabled or self.quant == "gptq", "lqer_enabled", "corrects GPTQ's error: set QUANT=gptq")
+
+    def _validate_ttt(self) -> None:
+        for name in ("ttt_lora_rank", "ttt_chunk_size", "ttt_eval_seq_len", "ttt_batch_size", "ttt_streams",
+                     "global_ttt_chunk_tokens"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("ttt_lora_lr", "ttt_weight_decay", "global_ttt_lr", "global_ttt_grad_clip",
+                     "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_epochs",
+                     "global_ttt_warmup_chunks"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("ttt_beta1", "ttt_beta2", "global_ttt_momentum"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        _require(self.ttt_lora_alpha > 0, "ttt_lora_alpha", "must be > 0")
+        _require(self.ttt_chunk_size <= self.ttt_eval_seq_len, "ttt_chunk_size",
+                 f"must be <= TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (a chunk must fit its window)")
+        _require(self.global_ttt_chunk_tokens >= self.ttt_eval_seq_len, "global_ttt_chunk_tokens",
+                 f"must be >= TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len} (one row at least)")
 
     def _validate_schedule(self) -> None:
         for name in ("warmdown_frac", "min_lr"):
@@ -364,7 +406,13 @@ PRESETS["record"] = dict(RECORD_MODEL, **RECORD_OPTIMIZER,
                          quant="gptq", compressor="entropy", matrix_bits=6, embed_bits=7, matrix_clip_sigmas=12.85,
                          attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
                          gptq_calibration_batches=16, lqer_enabled=True, lqer_rank=4, lqer_top_k=3,
-                         lqer_asym_group=64)
+                         lqer_asym_group=64,
+                         # §7.2, §8: the scored number is phased score-first TTT
+                         ttt_enabled=True, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4,
+                         ttt_chunk_size=48, ttt_eval_seq_len=2048, ttt_batch_size=64, ttt_beta1=0.0,
+                         ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_warm_start_a=True, phased_ttt_prefix_docs=2500,
+                         phased_ttt_num_phases=3, global_ttt_lr=1e-3, global_ttt_momentum=0.9,
+                         global_ttt_chunk_tokens=32_768, global_ttt_grad_clip=1.0, global_ttt_epochs=1)
 # The record's network at width 256 (4 query / 2 KV heads of the record's dim 64, so ROPE_DIMS=16 and the gates
 # read the same dims) and depth, loops and lanes unchanged: a 10-minute run on a 16 GB Apple-Silicon laptop
 # (README "Presets" gives the arithmetic). Sequence 1024 and 16K-token steps keep the step count useful.
@@ -395,7 +443,12 @@ PRESETS["tiny_record"] = dict(PRESETS["tiny"], **dict(
     # the record's quantization; at width 64 no matrix passes the record's 65,536-element threshold, so 1,024 (every
     # block matrix and the embedding go through GPTQ); 2 calibration micro-batches (16K tokens), LQER on 1 tensor
     quant="gptq", compressor="entropy", matrix_bits=6, embed_bits=7, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
-    quant_passthrough_numel=1024, gptq_calibration_batches=2, lqer_enabled=True, lqer_top_k=1)
+    quant_passthrough_numel=1024, gptq_calibration_batches=2, lqer_enabled=True, lqer_top_k=1,
+    # TTT off (CI speed) but sized for the demo split when TTT_ENABLED=1: rank 4, chunks of 16 in windows of 128,
+    # 8 docs a batch, two phases over the first 24 docs (the demo split has 52), 1024-token SGD chunks
+    ttt_lora_rank=4, ttt_lora_alpha=8.0, ttt_lora_lr=1e-3, ttt_chunk_size=16, ttt_eval_seq_len=128,
+    ttt_batch_size=8, ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_streams=4, phased_ttt_prefix_docs=24,
+    phased_ttt_num_phases=2, global_ttt_chunk_tokens=1024)
 
 
 def preset(name: str) -> Hyperparameters:

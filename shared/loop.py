@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from shared import artifact, bpb
+from shared import artifact, bpb, ttt
 from shared.checkpoint import Slots, check_fingerprint, load_checkpoint, pack, save_checkpoint
 from shared.config import Hyperparameters, artifact_config_for_env, near_misses, parse_trainer_cli, with_run_id
 from shared.data import TokenLoader, train_pattern
@@ -55,6 +55,7 @@ class Backend(Protocol):
     # QUANT=gptq, collective: H = sum of x^T x of each shared.quant.gptq.targets(cfg) weight's input over every
     # rank's batches, divided by their total count; float32 numpy
     def hessians(self, cfg: Hyperparameters, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]: ...
+    def ttt_engine(self) -> ttt.Engine: ...  # score-first TTT over the built model (TTT_ENABLED; shared/ttt.py)
     def any_rank(self, flag: bool) -> bool: ...  # collective OR
     def max_over_ranks(self, value: float) -> float: ...  # collective MAX
     def broadcast_text(self, text: str) -> str: ...  # collective: rank 0's value
@@ -351,7 +352,23 @@ def score_artifact(be: Backend, path: str, cfg: Hyperparameters, data: bpb.EvalD
     be.set_looping(cfg.num_loops > 0)  # the score runs looped (§3.2)
     t0 = time.perf_counter()
     acc = be.evaluate(data, log)
-    log_final(log, acc, path, shipped_file, 1000.0 * (time.perf_counter() - t0))
+    eval_ms = 1000.0 * (time.perf_counter() - t0)
+    if cfg.ttt_enabled:
+        acc, eval_ms = score_ttt(be, cfg, data, log, acc, eval_ms)
+    log_final(log, acc, path, shipped_file, eval_ms)
+
+
+def score_ttt(be: Backend, cfg: Hyperparameters, data: bpb.EvalData, log: RunLog, plain: bpb.BpbAccumulator,
+              plain_ms: float) -> tuple[bpb.BpbAccumulator, float]:
+    """TTT_ENABLED: the scored number is score-first TTT (RECORD_STACK.md §7.2) on the same weights; the plain
+    score of the artifact is logged next to it. The legality check inside raises on any violation."""
+    log(f"no_ttt val_loss:{plain.val_loss:.8f} val_bpb:{plain.val_bpb:.8f} eval_time:{plain_ms:.0f}ms")
+    t0 = time.perf_counter()
+    result = ttt.evaluate_ttt(be.ttt_engine(), data, cfg, be.rank, be.world_size, log)
+    ttt_ms = 1000.0 * (time.perf_counter() - t0)
+    log(f"ttt val_loss:{result.acc.val_loss:.8f} val_bpb:{result.acc.val_bpb:.8f} eval_time:{ttt_ms:.0f}ms "
+        f"docs:{len(result.docs)} legality:ok")
+    return result.acc, ttt_ms
 
 
 def run_eval(make_backend: Callable[[Hyperparameters], Backend], path: str, files: tuple[str, str]) -> None:

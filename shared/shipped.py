@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 TRAINER_NAME = "cuda_train.py"
-SHIPPED_TOP_LEVEL = ("torch_model", "torch_optim")  # imported by cuda_train.py, beside it in the repo root
+SHIPPED_TOP_LEVEL = ("torch_model", "torch_optim", "torch_ttt")  # imported by cuda_train.py, beside it in the repo root
 SHARED_PACKAGE = "shared"
 DIGEST_HEX = 16
 GIT_TIMEOUT_S = 5.0

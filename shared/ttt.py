@@ -1,0 +1,368 @@
+"""Score-first test-time training (RECORD_STACK.md §7.2), the framework-free half: plan, driver, ledger.
+
+The record's scored number: every validation document is scored chunk by chunk with per-document LoRA adapters
+that train, after each chunk is scored, on that chunk; at phase boundaries the base weights train (SGD) on the
+documents already scored. This module decides everything that is not tensor maths, once for both trainers:
+
+- documents: split at BOS, doc i = tokens[BOS_i .. BOS_{i+1}] inclusive of the next BOS (find_docs);
+- batches: docs sorted by length, cut into TTT_BATCH_SIZE, the queue in descending length (batch_queue);
+- work split: TTT_STREAMS virtual streams, stream s owning queue items s, s+S, ... and carrying its own warm-started
+  A; rank r owns streams r, r+W, ... So what a document is scored with depends on the plan only, never on the world
+  size or on timing (the record claims batches through a file-locked counter: timing-dependent, §10.4 item 14);
+- chunks: window of up to TTT_EVAL_SEQ_LEN tokens of the document's own context ending at the chunk (chunk_rows);
+- phases: boundaries are document counts of the queue (phase_cuts), never timings;
+- accounting: float64 sums per document (bytes from EvalData.target_bytes at each target's position), reduced
+  across ranks, summed in document order: without global phases the same BPB to the last bit for any world size
+  up to TTT_STREAMS (streams are whole units of work); a phase's all-reduced SGD gradient rounds by world size;
+- legality: the driver scores a chunk (adds it to the sums and to the ledger) before it asks for the update that
+  uses it; Ledger.check replays the events and raises TTTLegalityError on any update that precedes the score of a
+  token it used. It runs at the end of every TTT evaluation.
+
+A trainer supplies an Engine (torch_ttt.py / mlx_ttt.py): adapters, forward, AdamW step, global SGD step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from shared.bpb import BpbAccumulator, EvalData
+from shared.config import Hyperparameters
+from shared.spec import layer_plan
+
+ADAM_EPS = 1e-10  # the record's LoRA AdamW eps (§7.2), not a library default
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # per layer application; plus "head" once
+
+
+class TTTLegalityError(RuntimeError):
+    """An update used a token before that token was scored: the score would be invalid."""
+
+
+# ---- documents, batches, streams ----
+def find_docs(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """(D, 2) int64 rows [start, n_pred]: doc = tokens[start : start + n_pred + 1], from a BOS through the next BOS
+    (its last target is "end of document"); the last runs to the end of the split. Tokens before the first BOS
+    (a split not starting with one) form a document too, so every target position is predicted exactly once."""
+    if bos_id is None or bos_id < 0:
+        raise ValueError("TTT_ENABLED=1 needs the tokenizer's BOS id to split documents; TOKENIZER_PATH has none")
+    starts = np.flatnonzero(np.asarray(tokens) == bos_id).astype(np.int64)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    ends = np.concatenate([starts[1:], [tokens.size - 1]])
+    docs = np.stack([starts, ends - starts], axis=1)
+    return docs[docs[:, 1] > 0]
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int  # position in the ascending-length order (the record's "original batch index")
+    docs: np.ndarray  # document ids, ascending length
+
+
+def batch_queue(docs: np.ndarray, batch_size: int) -> list[Batch]:
+    """Docs sorted by length (stable: ties by id), cut into batches; the queue runs longest batch first (§7.2)."""
+    order = np.argsort(docs[:, 1], kind="stable")
+    batches = [Batch(i, order[a:a + batch_size]) for i, a in enumerate(range(0, order.size, batch_size))]
+    return sorted(batches, key=lambda b: (-int(docs[b.docs, 1].max()), b.index))
+
+
+def stream_items(n_items: int, streams: int, stream: int) -> list[int]:
+    """Queue positions owned by a stream: stream, stream + S, ..."""
+    return list(range(stream, n_items, streams))
+
+
+def rank_streams(streams: int, rank: int, world_size: int) -> list[int]:
+    """Whole streams per rank (rank r: r, r + W, ...): a stream's computation never depends on the world size."""
+    return list(range(rank, streams, world_size))
+
+
+# ---- chunks ----
+def n_chunks(n_pred: int, chunk: int) -> int:
+    return -(-int(n_pred) // chunk)
+
+
+@dataclass
+class ChunkRows:
+    """One lock-step chunk of a batch: rows padded with id 0 after each window's end."""
+    x: np.ndarray  # (B, T) int64 inputs
+    y: np.ndarray  # (B, T) int64 targets
+    scored: np.ndarray  # (B, T) bool: this chunk's new predictions
+    positions: np.ndarray  # (B, T) int64: global target position (index into EvalData.target_bytes), -1 elsewhere
+    weights: np.ndarray  # (B, T) float32: training loss weights, 1/len(chunk) on docs with a later chunk, else 0
+    active: np.ndarray  # (B,) bool: docs that still have this chunk
+    trains: np.ndarray  # (B,) bool: docs whose chunk enters the update
+
+
+def chunk_rows(tokens: np.ndarray, docs: np.ndarray, doc_ids: np.ndarray, c: int, chunk: int, seq_len: int,
+               slots: int) -> ChunkRows:
+    """Chunk c of each doc: predictions [c*chunk, end), end = min((c+1)*chunk, P), window [end - seq_len, end)
+    clipped at the doc start. Row length: the longest window, rounded up to a multiple of the chunk (fewer shapes)."""
+    starts, n_pred = docs[doc_ids, 0], docs[doc_ids, 1]
+    ends = np.minimum((c + 1) * chunk, n_pred)
+    active = c * chunk < n_pred
+    wins = np.maximum(0, ends - seq_len)
+    width = int(max(1, (ends - wins)[active].max(initial=1)))
+    width = min(seq_len, -(-width // chunk) * chunk)
+    shape = (slots, width)
+    x, y = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    scored, weights = np.zeros(shape, bool), np.zeros(shape, np.float32)
+    positions = np.full(shape, -1, np.int64)
+    trains = active & (ends < n_pred)
+    for i in np.flatnonzero(active):
+        lo, hi = starts[i] + wins[i], starts[i] + ends[i]  # global input range
+        n = hi - lo
+        x[i, :n], y[i, :n] = tokens[lo:hi], tokens[lo + 1:hi + 1]
+        first = c * chunk - wins[i]  # the chunk's first prediction inside the window
+        scored[i, first:n] = True
+        positions[i, first:n] = np.arange(lo + first, hi)
+        if trains[i]:
+            weights[i, first:n] = 1.0 / (n - first)  # the record's per-doc mean over the chunk
+    return ChunkRows(x, y, scored, positions, weights, np.pad(active, (0, slots - active.size)),
+                     np.pad(trains, (0, slots - trains.size)))
+
+
+# ---- adapters ----
+def lora_shapes(cfg: Hyperparameters) -> list[dict[str, tuple[int, int]]]:
+    """(in, out) of every adapter: one dict per layer application of the looped plan (looped passes get their own),
+    then the head's. The o adapter reads the block's normed input n (dim -> dim), the MLP one the MLP's input."""
+    plan = layer_plan(cfg, cfg.num_loops > 0)
+    dim, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+    app = {"q": (dim, dim), "v": (dim, kv)}
+    if cfg.ttt_k_lora:
+        app["k"] = (dim, kv)
+    if cfg.ttt_o_lora:
+        app["o"] = (dim, dim)
+    if cfg.ttt_mlp_lora:
+        app["mlp"] = (dim, dim)
+    return [dict(app) for _ in range(len(plan.encoder) + len(plan.decoder))] + [{"head": (dim, cfg.vocab_size)}]
+
+
+def lora_a_init(cfg: Hyperparameters, slots: int, stream: int, generation: int) -> list[dict[str, np.ndarray]]:
+    """A ~ U(+-1/sqrt(in)), (slots, r, in) fp32, drawn in numpy from (SEED, stream, generation): both frameworks
+    start from the same adapters, and a stream's draws do not depend on which rank runs it."""
+    rng = np.random.default_rng([cfg.seed, stream, generation])
+    out = []
+    for app in lora_shapes(cfg):
+        out.append({k: rng.uniform(-1, 1, (slots, cfg.ttt_lora_rank, i)).astype(np.float32) / np.float32(math.sqrt(i))
+                    for k, (i, _) in app.items()})
+    return out
+
+
+# ---- phases and global SGD ----
+def phase_boundaries(prefix_docs: int, num_phases: int) -> list[int]:
+    """Document counts floor(prefix * k / phases), k = 1..phases (2500, 3 -> 833, 1666, 2500)."""
+    return [prefix_docs * k // num_phases for k in range(1, num_phases + 1)] if num_phases > 0 else []
+
+
+def phase_cuts(queue: list[Batch], boundaries: list[int]) -> list[int]:
+    """Queue positions where each phase pauses: the first q whose batches [0, q) hold >= boundary docs. Scoring
+    of every queue item before q completes (on all ranks) before the global SGD of that phase starts."""
+    counts = np.cumsum([b.docs.size for b in queue])
+    cuts = []
+    for b in boundaries:
+        q = int(np.searchsorted(counts, b, side="left")) + 1
+        if q <= len(queue) and (not cuts or q > cuts[-1]):
+            cuts.append(q)
+    return cuts
+
+
+def phase_docs(queue: list[Batch], cut: int, boundary: int) -> np.ndarray:
+    """The docs a phase trains on: those of queue[:cut], sorted by (batch index, position) = ascending length, the
+    first `boundary` of them (the record's cut keeps the shorter of the scored docs)."""
+    ordered = sorted(queue[:cut], key=lambda b: b.index)
+    return np.concatenate([b.docs for b in ordered])[:boundary]
+
+
+def global_sgd_rows(tokens: np.ndarray, docs: np.ndarray, doc_ids: np.ndarray, chunk_tokens: int,
+                    seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The phase's docs concatenated (each ending with the next doc's BOS: "BOS BOS" joins, §10.4 item 16), cut into
+    chunks of chunk_tokens targets as rows of seq_len; a final partial chunk is skipped. One SGD step per chunk."""
+    stream = np.concatenate([tokens[s:s + n + 1] for s, n in docs[doc_ids]]).astype(np.int64)
+    per = chunk_tokens // seq_len * seq_len
+    out = []
+    for a in range(0, stream.size - 1 - per + 1, per):
+        out.append((stream[a:a + per].reshape(-1, seq_len), stream[a + 1:a + per + 1].reshape(-1, seq_len)))
+    return out
+
+
+def global_sgd_lr(base: float, c: int, n_chunks: int, warmup: int = 0) -> float:
+    """lr_c = base * 1/2 (1 + cos(pi c / (n - 1))), after `warmup` linear chunks (the record uses 0)."""
+    if c < warmup:
+        return base * (c + 1) / warmup
+    span = max(1, n_chunks - 1 - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * (c - warmup) / span))
+
+
+# ---- the ledger ----
+@dataclass
+class Ledger:
+    """Events in the order they happened: ("score", chunk, docs), ("update", chunk, docs) for a LoRA step on
+    chunk `chunk` of those docs, ("global", -1, docs) for a base-weight step on whole docs, ("sync", -1, counts)
+    for the scored-chunk counts of every doc merged across ranks (before a global phase)."""
+    n_docs: int
+    events: list = field(default_factory=list)
+
+    def score(self, chunk: int, docs: np.ndarray) -> None:
+        self.events.append(("score", chunk, np.asarray(docs, np.int64)))
+
+    def update(self, chunk: int, docs: np.ndarray) -> None:
+        self.events.append(("update", chunk, np.asarray(docs, np.int64)))
+
+    def global_update(self, docs: np.ndarray) -> None:
+        self.events.append(("global", -1, np.asarray(docs, np.int64)))
+
+    def sync(self, counts: np.ndarray) -> None:
+        self.events.append(("sync", -1, np.asarray(counts, np.int64)))
+
+    def scored_counts(self) -> np.ndarray:
+        counts = np.zeros(self.n_docs, np.int64)
+        for kind, _, docs in self.events:
+            if kind == "score":
+                counts[docs] += 1
+        return counts
+
+    def check(self, chunks_per_doc: np.ndarray, own: np.ndarray) -> None:
+        """Replay: chunks scored once each and in order; a LoRA update on chunk c only after c was scored and never
+        before the score of a chunk <= c (it would have seen that chunk's targets); a global step only on fully
+        scored docs; every doc in `own` (this rank's) fully scored. Raises TTTLegalityError naming doc and chunk."""
+        nxt = np.zeros(self.n_docs, np.int64)  # next chunk to score
+        seen = np.full(self.n_docs, -1, np.int64)  # highest chunk any update has used
+        for i, (kind, c, docs) in enumerate(self.events):
+            if kind == "sync":
+                nxt = np.maximum(nxt, docs)
+                continue
+            if kind == "score":
+                _fail(docs, nxt[docs] != c, i, f"chunk {c} scored out of order or twice")
+                _fail(docs, seen[docs] >= c, i, f"chunk {c} scored after an update that used it")
+                nxt[docs] += 1
+            elif kind == "update":
+                _fail(docs, nxt[docs] <= c, i, f"update on chunk {c} before it was scored")
+                seen[docs] = np.maximum(seen[docs], c)
+            else:
+                _fail(docs, nxt[docs] < chunks_per_doc[docs], i, "global step on a doc not fully scored")
+                seen[docs] = chunks_per_doc[docs]
+        _fail(own, nxt[own] != chunks_per_doc[own], len(self.events), "not every chunk scored")
+
+
+def _fail(docs: np.ndarray, bad: np.ndarray, event: int, what: str) -> None:
+    if np.any(bad):
+        raise TTTLegalityError(f"TTT legality check: doc {int(docs[np.argmax(bad)])}: {what} (event {event})")
+
+
+# ---- the driver ----
+class Engine(Protocol):
+    """A framework's TTT side. forward must not change any weight; update applies the step it prepared."""
+    def new_lora(self, a_init: list[dict[str, np.ndarray]]): ...  # adapters: given A, B = 0, Adam state 0
+    def reset(self, lora, a_init: list[dict[str, np.ndarray]] | None) -> None: ...  # B, moments, step <- 0; A if given
+    def forward(self, lora, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray: ...  # (B, T) nll
+    def update(self, lora) -> None: ...  # one AdamW step on sum(weights * nll) of the last forward
+    def global_step(self, x: np.ndarray, y: np.ndarray, lr: float,
+                    first: bool) -> float: ...  # collective SGD step on the base weights; first: momentum <- 0
+    def reduce_sum(self, values: np.ndarray) -> np.ndarray: ...  # collective SUM across ranks (float64)
+
+
+@dataclass
+class TTTResult:
+    acc: BpbAccumulator
+    doc_nll: np.ndarray  # (D,) float64 nats per doc (after the reduce)
+    docs: np.ndarray
+    ledger: Ledger
+    position_nll: np.ndarray  # (N-1,) float32 nats by target position, this rank's docs only (0 elsewhere)
+
+
+@dataclass
+class _Run:
+    cfg: Hyperparameters
+    data: EvalData
+    docs: np.ndarray
+    ledger: Ledger
+    sums: np.ndarray  # (D, 3) float64: nll, tokens, bytes
+    position_nll: np.ndarray  # (N-1,) float32, for the isolation tests and diagnostics
+
+
+def score_then_update(engine: Engine, lora, run: _Run, rows: ChunkRows, doc_ids: np.ndarray, c: int) -> None:
+    """Legal order by construction: the chunk's loss goes into the sums (and the ledger) before its update."""
+    nll = np.asarray(engine.forward(lora, rows.x, rows.y, rows.weights), np.float64)
+    add_scores(run, rows, nll, doc_ids, c)
+    if rows.trains.any():
+        engine.update(lora)
+        run.ledger.update(c, doc_ids[rows.trains[:doc_ids.size]])
+
+
+def add_scores(run: _Run, rows: ChunkRows, nll: np.ndarray, doc_ids: np.ndarray, c: int) -> None:
+    for i in np.flatnonzero(rows.active[:doc_ids.size]):
+        m = rows.scored[i]
+        run.sums[doc_ids[i]] += (nll[i, m].sum(), m.sum(), run.data.target_bytes[rows.positions[i, m]].sum())
+        run.position_nll[rows.positions[i, m]] = nll[i, m]
+    run.ledger.score(c, doc_ids[rows.active[:doc_ids.size]])
+
+
+def run_batch(engine: Engine, lora, run: _Run, batch: Batch) -> None:
+    cfg = run.cfg
+    for c in range(n_chunks(run.docs[batch.docs, 1].max(), cfg.ttt_chunk_size)):
+        rows = chunk_rows(run.data.tokens, run.docs, batch.docs, c, cfg.ttt_chunk_size, cfg.ttt_eval_seq_len,
+                          cfg.ttt_batch_size)
+        score_then_update(engine, lora, run, rows, batch.docs, c)
+
+
+def run_stream_items(engine: Engine, loras: dict, run: _Run, queue: list[Batch], items: list[int],
+                     generation: int) -> None:
+    """A stream's batches in order. Between batches B and the Adam state reset; A is kept (TTT_WARM_START_A) or
+    drawn afresh. A stream's first batch after a phase gets a brand-new LoRA (generation)."""
+    cfg = run.cfg
+    for s, q in items:
+        key = (s, generation)
+        if key not in loras:
+            loras[key] = engine.new_lora(lora_a_init(cfg, cfg.ttt_batch_size, s, generation))
+        else:
+            fresh = None if cfg.ttt_warm_start_a else lora_a_init(cfg, cfg.ttt_batch_size, s, 1000 * generation + q)
+            engine.reset(loras[key], fresh)
+        run_batch(engine, loras[key], run, queue[q])
+
+
+def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int = 0, world_size: int = 1,
+                 log: Callable[[str], None] | None = None) -> TTTResult:
+    """The whole TTT score: LoRA TTT over the queue, global SGD at each phase cut, the legality check, the BPB."""
+    docs = find_docs(data.tokens, data.bos_id)
+    queue = batch_queue(docs, cfg.ttt_batch_size)
+    run = _Run(cfg, data, docs, Ledger(len(docs)), np.zeros((len(docs), 3), np.float64),
+               np.zeros(max(data.tokens.size - 1, 0), np.float32))
+    mine = rank_streams(cfg.ttt_streams, rank, world_size)
+    boundaries = phase_boundaries(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases)
+    cuts = phase_cuts(queue, boundaries)
+    loras: dict = {}
+    lo = 0
+    for gen, hi in enumerate(cuts + [len(queue)]):
+        items = [(s, q) for s in mine for q in stream_items(len(queue), cfg.ttt_streams, s) if lo <= q < hi]
+        run_stream_items(engine, loras, run, queue, items, gen)
+        if gen < len(cuts):
+            run.ledger.sync(engine.reduce_sum(run.ledger.scored_counts().astype(np.float64)).astype(np.int64))
+            train_phase(engine, run, phase_docs(queue, hi, boundaries[gen]), log, gen)
+            loras.clear()  # a brand-new LoRA set after each phase (§7.2)
+        if log is not None:
+            log(f"ttt_progress:{hi}/{len(queue)} batches")
+        lo = hi
+    chunks = np.array([n_chunks(n, cfg.ttt_chunk_size) for n in docs[:, 1]], np.int64)
+    own = np.concatenate([queue[q].docs for s in mine for q in stream_items(len(queue), cfg.ttt_streams, s)] +
+                         [np.zeros(0, np.int64)])
+    run.ledger.check(chunks, own)
+    sums = engine.reduce_sum(run.sums.copy())
+    acc = BpbAccumulator(np.array([sums[:, 0].sum(), sums[:, 1].sum(), sums[:, 2].sum()], np.float64))
+    return TTTResult(acc, sums[:, 0], docs, run.ledger, run.position_nll)
+
+
+def train_phase(engine: Engine, run: _Run, doc_ids: np.ndarray, log, phase: int) -> None:
+    """Global SGD on the base weights over already-scored docs (every rank the same rows; the engine splits them)."""
+    cfg = run.cfg
+    run.ledger.global_update(doc_ids)
+    rows = global_sgd_rows(run.data.tokens, run.docs, doc_ids, cfg.global_ttt_chunk_tokens, cfg.ttt_eval_seq_len)
+    steps = len(rows) * cfg.global_ttt_epochs
+    for k in range(steps):
+        x, y = rows[k % len(rows)]
+        loss = engine.global_step(x, y, global_sgd_lr(cfg.global_ttt_lr, k, steps, cfg.global_ttt_warmup_chunks),
+                                  k == 0)
+    if log is not None:
+        log(f"ttt_phase:{phase + 1} docs:{doc_ids.size} sgd_steps:{steps}"
+            + (f" last_loss:{loss:.4f}" if steps else ""))

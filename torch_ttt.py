@@ -1,0 +1,144 @@
+"""Score-first TTT in PyTorch: shared/ttt.py's Engine (mirrors mlx_ttt.py function for function).
+
+Adapters (RECORD_STACK.md §7.2) are fp32 leaves, one slot per document of a batch, handed to GPT.logits as
+LoRAApp lists; the base weights stay frozen except in global_step (phased SGD). forward builds the graph and
+returns the detached NLL; update takes the gradient of that forward's loss and steps, so nothing changes a weight
+before the driver has added the chunk's loss to the sums.
+
+    engine = TorchTTT(model, cfg, bos_id)          # then shared.ttt.evaluate_ttt(engine, data, cfg, ...)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.config import Hyperparameters
+from shared.segments import segment_ids
+from shared.ttt import ADAM_EPS, lora_shapes
+from torch_model import GPT, LoRAApp
+
+GRAD_CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
+
+
+@dataclass
+class TorchLoRA:
+    a: list[dict[str, Tensor]]  # per application: target -> A (slots, r, in)
+    b: list[dict[str, Tensor]]  # target -> B (slots, out, r), zero at every reset
+    m: dict = field(default_factory=dict)  # Adam moments by (app, target, "a"|"b")
+    v: dict = field(default_factory=dict)
+    step: int = 0
+    loss: Tensor | None = None  # the last forward's training loss, consumed by update
+
+    def params(self) -> list[tuple[tuple, Tensor]]:
+        return [((j, k, w), t) for j, app in enumerate(self.a) for k in app
+                for w, t in (("a", self.a[j][k]), ("b", self.b[j][k]))]
+
+
+class TorchTTT:
+    def __init__(self, model: GPT, cfg: Hyperparameters, bos_id: int, rank: int = 0, world_size: int = 1,
+                 reduce_sum: Callable[[np.ndarray], np.ndarray] | None = None,
+                 all_reduce_grads: Callable[[list[Tensor]], None] | None = None):
+        self.model, self.cfg, self.bos_id = model, cfg, bos_id
+        self.rank, self.world_size = rank, world_size
+        self._reduce_sum, self._all_reduce_grads = reduce_sum, all_reduce_grads
+        self.device = next(model.parameters()).device
+        self.scale = cfg.ttt_lora_alpha / cfg.ttt_lora_rank
+        self.shapes = lora_shapes(cfg)
+        self.momentum: dict[str, Tensor] = {}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)  # frozen base: LoRA steps never build its gradients
+
+    # -- adapters --
+    def new_lora(self, a_init: list[dict[str, np.ndarray]]) -> TorchLoRA:
+        a = [{k: torch.from_numpy(t).to(self.device).requires_grad_(True) for k, t in app.items()} for app in a_init]
+        b = [{k: torch.zeros(t.shape[0], self.shapes[j][k][1], t.shape[1], device=self.device, requires_grad=True)
+              for k, t in app.items()} for j, app in enumerate(a_init)]
+        return TorchLoRA(a, b)
+
+    def reset(self, lora: TorchLoRA, a_init: list[dict[str, np.ndarray]] | None) -> None:
+        """B <- 0 and the Adam state <- 0; A replaced only when given (TTT_WARM_START_A=0)."""
+        with torch.no_grad():
+            for j, app in enumerate(lora.b):
+                for k, t in app.items():
+                    t.zero_()
+                    if a_init is not None:
+                        lora.a[j][k].copy_(torch.from_numpy(a_init[j][k]))
+        lora.m.clear(), lora.v.clear()
+        lora.step, lora.loss = 0, None
+
+    def apps(self, lora: TorchLoRA) -> list[LoRAApp]:
+        return [LoRAApp({k: (lora.a[j][k], lora.b[j][k]) for k in app}, self.scale, self.model.dtype)
+                for j, app in enumerate(lora.a)]
+
+    # -- score, then update --
+    def forward(self, lora: TorchLoRA, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        xt, yt = (torch.from_numpy(t).to(self.device) for t in (x, y))
+        with torch.enable_grad():
+            nll = self.model.token_nll(xt, yt, None, self.apps(lora))  # (B, T) fp32: dense causal, one doc a row
+            lora.loss = (nll * torch.from_numpy(weights).to(self.device)).sum()
+        return nll.detach().float().cpu().numpy()
+
+    def update(self, lora: TorchLoRA) -> None:
+        """One AdamW step (decoupled wd, bias-corrected, eps 1e-10) on sum over docs of the chunk-mean loss."""
+        named = lora.params()
+        grads = torch.autograd.grad(lora.loss, [t for _, t in named], allow_unused=True)  # None: unused, zero
+        lora.loss, lora.step = None, lora.step + 1
+        cfg, t = self.cfg, lora.step
+        b1, b2, lr = cfg.ttt_beta1, cfg.ttt_beta2, cfg.ttt_lora_lr
+        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        with torch.no_grad():
+            for (key, p), g in zip(named, grads):
+                g = torch.zeros_like(p) if g is None else g
+                m = lora.m.setdefault(key, torch.zeros_like(p))
+                v = lora.v.setdefault(key, torch.zeros_like(p))
+                p.mul_(1.0 - lr * cfg.ttt_weight_decay)
+                m.mul_(b1).add_(g, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                p.sub_((lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + ADAM_EPS))
+
+    # -- phased global SGD on the base weights --
+    def global_step(self, x: np.ndarray, y: np.ndarray, lr: float, first: bool) -> float:
+        """SGD with momentum on every base weight: this rank's contiguous share of the rows, doc-isolated, mean CE
+        over all ranks' tokens, gradients summed across ranks, then clipped (the record clips after the average)."""
+        cfg, params = self.cfg, dict(self.model.named_parameters())
+        if first:
+            self.momentum = {k: torch.zeros_like(p) for k, p in params.items()}
+        lo, hi = len(x) * self.rank // self.world_size, len(x) * (self.rank + 1) // self.world_size
+        xs, ys = x[lo:hi], y[lo:hi]
+        grads = [torch.zeros_like(p) for p in params.values()]
+        loss = torch.zeros((), device=self.device)
+        if len(xs):
+            seg = torch.from_numpy(segment_ids(xs, self.bos_id, cfg.ttt_eval_seq_len)).to(self.device)
+            for p in params.values():
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.model.token_nll(*(torch.from_numpy(t).to(self.device) for t in (xs, ys)), seg).sum()
+                loss = loss / y.size
+                grads = list(torch.autograd.grad(loss, list(params.values()), allow_unused=True))
+            for p in params.values():
+                p.requires_grad_(False)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        if self._all_reduce_grads is not None:
+            self._all_reduce_grads(grads)
+        self._sgd(params, grads, lr)
+        return float(loss.detach())  # this rank's share of the mean
+
+    def _sgd(self, params: dict[str, Tensor], grads: list[Tensor], lr: float) -> None:
+        clip = self.cfg.global_ttt_grad_clip
+        coef = 1.0
+        if clip > 0:
+            norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+            coef = min(1.0, clip / (norm + GRAD_CLIP_EPS))
+        with torch.no_grad():
+            for (k, p), g in zip(params.items(), grads):
+                buf = self.momentum[k]
+                buf.mul_(self.cfg.global_ttt_momentum).add_(g, alpha=coef)
+                p.sub_(lr * buf)
+
+    def reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        return values if self._reduce_sum is None else self._reduce_sum(values)
