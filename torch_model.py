@@ -9,6 +9,7 @@ continue what the other trained.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -23,6 +24,11 @@ from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, fp16/bf16 only)
     from torch.nn.attention.varlen import varlen_attn
+    # Its keywords changed between releases: 2.10 takes is_causal and no scale (unusable here: the attention
+    # scale is ours); 2.11 takes scale and window_size; 2.12 adds enable_gqa (without it K/V heads are expanded).
+    _VARLEN_KW = set(inspect.signature(varlen_attn).parameters)
+    if not {"scale", "window_size"} <= _VARLEN_KW:
+        varlen_attn = None
 except ImportError:
     varlen_attn = None
 
@@ -124,8 +130,9 @@ def doc_attention_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """The kernel DOC_ISOLATED_ATTN runs: flash varlen on CUDA in half precision (FA3 when activated, else
     torch's FA2), else SDPA with a boolean block-causal mask (RECORD_STACK.md §10.2's plain equivalent)."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
-        from torch.nn.attention import current_flash_attention_impl
-        return f"varlen_attn_{current_flash_attention_impl() or 'FA2'}"
+        import torch.nn.attention as nn_attention  # current_flash_attention_impl: torch >= 2.12
+        current = getattr(nn_attention, "current_flash_attention_impl", lambda: None)
+        return f"varlen_attn_{current() or 'FA2'}"
     return "sdpa_block_mask"
 
 
@@ -155,8 +162,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc: Tensor | Varle
         return F.scaled_dot_product_attention(q, k, v, attn_mask=doc, scale=scale, enable_gqa=gqa)
     bsz, heads, seqlen, head_dim = q.shape
     packed = [t.transpose(1, 2).reshape(bsz * seqlen, t.size(1), head_dim) for t in (q, k, v)]  # (B*T, H, D)
+    if gqa and "enable_gqa" not in _VARLEN_KW:  # torch 2.11: query head h reads KV head h // G, expanded
+        group = heads // k.size(1)
+        packed[1:] = [t.repeat_interleave(group, dim=1) for t in packed[1:]]
+    gqa_kw = {"enable_gqa": gqa} if "enable_gqa" in _VARLEN_KW else {}
     y = varlen_attn(*packed, doc.cu_seqlens, doc.cu_seqlens, doc.max_seqlen, doc.max_seqlen, scale=scale,
-                    window_size=(-1, 0), enable_gqa=gqa)  # window (-1, 0): causal within each segment
+                    window_size=(-1, 0), **gqa_kw)  # window (-1, 0): causal within each segment
     return y.reshape(bsz, seqlen, heads, head_dim).transpose(1, 2)
 
 
