@@ -11,7 +11,7 @@ from shared import bpb
 from shared.caseops import OPERATOR_IDS
 from shared.data import list_shards, load_shard, sidecar_path, train_pattern, val_pattern, write_shard
 from shared.manifest import BOS_ID
-from shared.tokenizer import ByteTables, build_byte_tables, load_tokenizer
+from shared.tokenizer import ByteTables, build_byte_tables
 from tools.audit_data import check_accounting, check_no_val_in_train
 
 WORDS = ("the model reads every token of a document and predicts the next one while the evaluator counts "
