@@ -23,9 +23,10 @@ def write_log(path: Path, train_s: float, eval_s: float = 100.0, hessians_s: flo
     lines = ["# the trainer's source", SEPARATOR, f"backend:{backend} python:3.12.0 platform:test pid:1",
              f"config:{cfg.to_json()}"]
     ms = lambda s: 1000.0 * train_s * s / steps  # noqa: E731
-    for s in range(1, steps + 1):
-        lines.append(step_line(s, steps, 6.0 - 3.0 * s / steps, ms(s)))
-        if s % val_every == 0:
+    for s in range(steps + 1):
+        if s:
+            lines.append(step_line(s, steps, 6.0 - 3.0 * s / steps, ms(s)))
+        if s % val_every == 0:  # step 0 too, as shared/loop.py validates before the first step
             lines.append(val_line(s, steps, 5.0 - 2.0 * s / steps, 3.0 - s / steps, ms(s)))
     if finished:
         if hessians_s is not None:
