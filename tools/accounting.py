@@ -69,6 +69,8 @@ class AccountingResult:
     raw_bytes: int | None = None  # UTF-8 bytes of the raw documents (with a text source)
     normalization: dict = field(default_factory=dict)  # raw - counted, by cause (see the module docstring)
     normalized_documents: int = 0  # documents whose counted bytes differ from their raw bytes
+    # per document, for a diagnosis of a failure (tools/audit_data.py): the evaluator's count and the reference
+    per_document: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -80,15 +82,17 @@ class AccountingResult:
 
 
 def account(data_path: str, tokenizer_path: str, texts: list[str] | None = None,
-            plain_tokenizer: str | None = None) -> AccountingResult:
-    """Compare the evaluator's bytes with the reference for every validation document (see the module docstring)."""
+            plain_tokenizer: str | None = None, max_docs: int | None = None) -> AccountingResult:
+    """Compare the evaluator's bytes with the reference for every validation document (see the module docstring);
+    max_docs: only the first documents (the evaluator's bytes are still those of the whole split, cut after)."""
     sp = load_tokenizer(tokenizer_path)
     cfg = dataclasses.replace(Hyperparameters(), data_path=data_path, tokenizer_path=tokenizer_path,
                               vocab_size=sp.vocab_size())
     tokens = load_validation_tokens(data_path, sp.vocab_size())
     per_token = np.concatenate([[0], bpb.split_target_bytes(cfg, tokens, sp).astype(np.int64)])
-    docs = document_ids(tokens, data_path)
-    counted = np.add.reduceat(per_token, np.cumsum([0] + [len(d) for d in docs[:-1]]))
+    docs = document_ids(tokens, data_path)[:max_docs]
+    n_tokens = sum(len(d) for d in docs)
+    counted = np.add.reduceat(per_token[:n_tokens], np.cumsum([0] + [len(d) for d in docs[:-1]]))
     is_caseops = caseops.is_caseops_tokenizer(sp)
     raw = texts is not None
     texts = check_texts(texts, docs, sp, is_caseops) if raw else texts_for(docs, sp, is_caseops)
@@ -102,7 +106,7 @@ def account(data_path: str, tokenizer_path: str, texts: list[str] | None = None,
         what = "UTF-8 length of the decoded documents"
     result = compare(counted, reference, texts)
     result.update(data_path=data_path, tokenizer_path=tokenizer_path, transform=dataset_transform(data_path),
-                  byte_source=bpb.byte_source(data_path), reference=what, targets=int(tokens.size - 1))
+                  byte_source=bpb.byte_source(data_path), reference=what, targets=n_tokens - 1)
     if raw:  # the reference is what the normalized text counts, so raw - reference is what normalization removed
         result["raw_bytes"] = sum(len(t.encode("utf-8")) for t in texts)
         result["normalization"], result["normalized_documents"] = normalization_gap(texts, reference)
@@ -145,7 +149,8 @@ def compare(counted: np.ndarray, reference: list[int], texts: list[str]) -> dict
         i = int(diff[0])
         first = {"document": i, "evaluator": int(counted[i]), "reference": int(reference[i]), "text": texts[i][:80]}
     return {"documents": len(reference), "evaluator_bytes": int(counted.sum()), "reference_bytes": int(sum(reference)),
-            "mismatched_documents": int(diff.size), "first_mismatch": first}
+            "mismatched_documents": int(diff.size), "first_mismatch": first,
+            "per_document": (counted, np.asarray(reference, dtype=np.int64))}
 
 
 def normalization_gap(raw_texts: list[str], counted: list[int]) -> tuple[dict, int]:

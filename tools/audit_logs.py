@@ -1,0 +1,92 @@
+"""The compliance audit's budget checks (python -m tools.audit): time per training log, and code + artifact bytes.
+
+train_time[LOG]: the last logged train_time (the timed steps; validation and checkpoint writes excluded, as
+    shared/loop.py times them) plus every export phase after the wallclock cap that reads training data: GPTQ's
+    Hessians, computed on the next GPTQ_CALIBRATION_BATCHES training micro-batches (shared/loop.export logs
+    `export ... hessians:S.SSs`). The training data may only be read inside the 600 s. Quantization and coding
+    (gptq:, lqer:, coding: on the same line) read only the weights and are not counted.
+eval_time[LOG]: the final line's eval_time (with TTT_ENABLED, the TTT evaluation's time, also on the `ttt` line)
+    plus, when the log has one, the `no_ttt` pass that runs before TTT in the same scoring phase: the shipped
+    script spends both inside the evaluation, so both count (the stricter reading).
+size: the shipped code (tools/bundle.py's train_gpt.py as `python -m tools.bundle` writes it) plus the
+    artifact's bytes, against shared.artifact.BYTE_LIMIT.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from shared.artifact import BYTE_LIMIT
+from tools.auditcheck import Finding, verdict
+from tools.bundle import bundle_source
+from tools.submission import TIME_LIMIT_S, parse_log
+
+TRAIN_DATA_PHASES = ("hessians",)  # export phases (shared/loop.export's timings) that read training shards
+_EXPORT = re.compile(r"^export quant:.*$", re.M)
+_PHASE = re.compile(r" (\w+):([0-9.]+)s(?= |$)")
+_NO_TTT = re.compile(r"^no_ttt val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", re.M)
+_TTT = re.compile(r"^ttt val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", re.M)
+
+
+def check_time_budgets(log_paths: list[str]) -> list[Finding]:
+    """train_time[LOG] and eval_time[LOG] for each log (see the module docstring); SKIP without logs."""
+    if not log_paths:
+        return [Finding("time_budgets", "SKIP", "no training logs given")]
+    out = []
+    for path in log_paths:
+        out += log_findings(path)
+    return out
+
+
+def log_findings(path: str) -> list[Finding]:
+    name = Path(path).name
+    try:
+        run = parse_log(path)
+        text = Path(path).read_text(encoding="utf-8")
+    except (ValueError, OSError) as exc:
+        return [Finding(f"{k}[{name}]", "FAIL", f"unreadable: {exc}") for k in ("train_time", "eval_time")]
+    phases = export_phases(text)
+    after_cap = {k: v for k, v in phases.items() if k in TRAIN_DATA_PHASES}
+    train_s = run.train_ms / 1000 + sum(after_cap.values())
+    parts = "".join(f" + {k} {v:.1f}s" for k, v in after_cap.items())
+    train = verdict(f"train_time[{name}]", train_s <= TIME_LIMIT_S,
+                    f"{train_s:.1f}s {vs(train_s, TIME_LIMIT_S)} (steps {run.train_ms / 1000:.1f}s{parts})")
+    return [train, eval_finding(name, text, run.eval_ms)]
+
+
+def export_phases(text: str) -> dict[str, float]:
+    """Seconds of each phase on the log's last export line ({} when the log has none)."""
+    lines = _EXPORT.findall(text)
+    return {k: float(v) for k, v in _PHASE.findall(lines[-1])} if lines else {}
+
+
+def eval_finding(name: str, text: str, final_ms: float) -> Finding:
+    no_ttt, ttt = _NO_TTT.findall(text), _TTT.findall(text)
+    scored_ms = max(final_ms, float(ttt[-1]) if ttt else 0.0)  # with TTT the final line repeats the ttt line's
+    no_ttt_ms = float(no_ttt[-1]) if no_ttt else 0.0
+    total_ms = scored_ms + no_ttt_ms
+    what = f"{'TTT' if ttt else 'final'} evaluation {scored_ms / 1000:.1f}s"
+    what += f" + no_ttt pass {no_ttt_ms / 1000:.1f}s" if no_ttt else ""
+    return verdict(f"eval_time[{name}]", total_ms <= 1000 * TIME_LIMIT_S,
+                   f"{total_ms / 1000:.1f}s {vs(total_ms / 1000, TIME_LIMIT_S)} ({what})")
+
+
+def vs(seconds: float, limit: float) -> str:
+    return f"{'<=' if seconds <= limit else '>'} {limit:.0f}s"
+
+
+def check_size(artifact_path: str) -> list[Finding]:
+    """`size`: bundled train_gpt.py bytes + artifact bytes <= BYTE_LIMIT."""
+    if not os.path.isfile(artifact_path):
+        return [Finding("size", "FAIL", f"artifact {artifact_path} does not exist")]
+    code = len(bundle_source().encode("utf-8"))
+    artifact_bytes = os.path.getsize(artifact_path)
+    total = code + artifact_bytes
+    figure = (f"code {code} (train_gpt.py bundle) + artifact {artifact_bytes} = {total} "
+              f"{'<=' if total <= BYTE_LIMIT else '>'} {BYTE_LIMIT}")
+    if total > BYTE_LIMIT:
+        packed = len(bundle_source(compress=True).encode("utf-8"))
+        fits = "under" if packed + artifact_bytes <= BYTE_LIMIT else "still over"
+        figure += f"; the --compress bundle is {packed} bytes: {packed + artifact_bytes}, {fits} the cap"
+    return [verdict("size", total <= BYTE_LIMIT, figure)]
