@@ -170,3 +170,31 @@ def test_cli_bad_artifact_is_one_line_and_exit_2(tmp_path, tiny_data):
                           tiny_data["DATA_PATH"], "--tokenizer-path", tiny_data["TOKENIZER_PATH"]],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "missing.bin" in res.stderr, res.stderr
+
+
+def _log(path, seed: int, shipped: str) -> str:
+    """A finished run's log as shared/runlog.py writes it (the shipped source, then key:value lines)."""
+    path.write_text(shipped + "\n" + "=" * 100 + "\n" + "\n".join([
+        f'config:{{"seed": {seed}}}', "backend:torch-test device:cpu", "step:6/6 train_loss:3.0 train_time:1000ms",
+        "val_tokens:1000 val_bytes:4000", "artifact:a artifact_bytes:100 code_bytes:100",
+        f"final_roundtrip_exact val_loss:3.0000000{seed} val_bpb:1.2000000{seed} eval_time:1000ms"]) + "\n")
+    return str(path)
+
+
+def test_submission_runs_the_audit_and_fails_on_an_audit_fail(dense, tiny_data, tmp_path, monkeypatch, capsys):
+    from tools import submission
+    from tools.bundle import bundle_source
+    _stub_other_checks(monkeypatch)
+    logs = [_log(tmp_path / f"seed{s}.txt", s, bundle_source(compress=False)) for s in (1, 2, 3)]
+
+    def submit(out: str) -> tuple[int, str, str]:
+        rc = submission.main(["--logs", *logs, "--artifact", dense, "--name", "t", "--author", "a", "--github-id",
+                              "a", "--out", str(tmp_path / out), "--audit-data-path", tiny_data["DATA_PATH"],
+                              "--audit-tokenizer-path", tiny_data["TOKENIZER_PATH"]])
+        return rc, capsys.readouterr().out, (tmp_path / out / "README.md").read_text()
+    rc, printed, readme = submit("good")
+    assert rc == 0 and "audit:causality PASS" in printed and "- `audit:causality PASS" in readme, printed
+    assert readme.count("`audit:") == 8 and "## Compliance audit" in readme
+    monkeypatch.setattr(torch_model.GPT, "token_nll", token_nll_with_target_bonus)
+    rc, printed, readme = submit("bad")
+    assert rc == 1 and "audit:normalization FAIL" in printed and "`audit:normalization FAIL" in readme, printed
