@@ -2,12 +2,16 @@
 
     python -m tools.submission --logs L1 L2 L3 --artifact A --name NAME --author AUTHOR \\
         --github-id ID --out DIR [--sota BPB] [--track 10min_16mb|non_record_16mb] [--compress]
+        [--audit-data-path DIR --audit-tokenizer-path FILE [--audit-backend torch|mlx] [--audit-plain-tokenizer F]]
 
 Writes DIR/train_gpt.py (tools/bundle.py), DIR/submission.json (every number
 parsed from the logs), DIR/README.md and the logs; prints one `check:` line per
 rule and exits 1 when any fails. Run the seeds with the train_gpt.py this
 writes (python -m tools.bundle first): each log starts with the source that
 ran, and the check `logged_source` compares it with what ships.
+With --audit-data-path it also runs the compliance audit (python -m tools.audit)
+on the artifact and the logs: its `audit:` lines go into the README and the
+output, and an audit FAIL fails the submission too.
 """
 from __future__ import annotations
 
@@ -147,7 +151,7 @@ def submission_json(args: argparse.Namespace, runs: list[RunResult], code: int, 
     }
 
 
-def readme(meta: dict, checks: list[Check]) -> str:
+def readme(meta: dict, checks: list[Check], findings: list | None = None) -> str:
     rows = "\n".join(f"| {s} | {r['val_bpb']:.8f} | {r['val_loss']:.8f} | {r['artifact_bytes']} | "
                      f"{r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |" for s, r in meta["seed_results"].items())
     return (f"# {meta['name']}\n\nval_bpb **{meta['val_bpb']:.5f}** ± {meta['val_bpb_std']:.5f} over "
@@ -155,7 +159,8 @@ def readme(meta: dict, checks: list[Check]) -> str:
             f"## Technique\n\n{meta['technique_summary'] or 'TODO: describe what changed and why.'}\n\n"
             f"## Results\n\n| seed | val_bpb | val_loss | artifact bytes | train s | eval s |\n|---|---|---|---|---|---|\n"
             f"{rows}\n\n## Reproduce\n\n    torchrun --standalone --nproc_per_node=8 train_gpt.py   # SEED=... per run\n\n"
-            f"## Checks\n\n" + "\n".join(f"- `{c.line()}`" for c in checks) + "\n")
+            f"## Checks\n\n" + "\n".join(f"- `{c.line()}`" for c in checks) + "\n"
+            + ("\n## Compliance audit\n\n" + "\n".join(f"- `{f.line()}`" for f in findings) + "\n" if findings else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -169,7 +174,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--track", choices=("10min_16mb", "non_record_16mb"), default="10min_16mb")
     ap.add_argument("--compress", action="store_true", help="ship the self-extracting compressed bundle")
     ap.add_argument("--summary", default="", help="technique summary for submission.json and the README")
+    audit = ap.add_argument_group("compliance audit", "python -m tools.audit on the artifact and the logs")
+    audit.add_argument("--audit-data-path", help="runs the audit: the dataset the artifact is scored on")
+    audit.add_argument("--audit-tokenizer-path", help="the dataset's tokenizer (required with --audit-data-path)")
+    audit.add_argument("--audit-backend", choices=("torch", "mlx"), default="torch")
+    audit.add_argument("--audit-plain-tokenizer", help="CaseOps datasets: the plain tokenizer for byte accounting")
     return ap.parse_args(argv)
+
+
+def audit_findings(args: argparse.Namespace) -> list:
+    """tools.audit's findings on the artifact and the logs; none when --audit-data-path is not given."""
+    if not args.audit_data_path:
+        return []
+    if not args.audit_tokenizer_path:
+        raise ValueError("--audit-data-path needs --audit-tokenizer-path")
+    from tools.audit import AuditInputs, audit  # builds the model in torch or mlx: imported only when asked
+    return list(audit(AuditInputs(args.artifact, args.audit_data_path, args.audit_tokenizer_path, args.audit_backend,
+                                  args.audit_plain_tokenizer, list(args.logs))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,17 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     checks = check_runs(runs, shipped, artifact_bytes, args.track)
     if args.sota is not None:
         checks += significance(runs, args.sota)
+    findings = audit_findings(args)
     out = Path(args.out)
     atomic_write_text(out / "train_gpt.py", shipped)
     meta = submission_json(args, runs, len(shipped.encode("utf-8")), artifact_bytes, checks)
     atomic_write_text(out / "submission.json", json.dumps(meta, indent=2) + "\n")
-    atomic_write_text(out / "README.md", readme(meta, checks))
+    atomic_write_text(out / "README.md", readme(meta, checks, findings))
     for r in runs:
         shutil.copyfile(r.log, out / Path(r.log).name)
     for c in checks:
         print(c.line())
-    failed = [c for c in checks if not c.ok]
-    print(f"submission:{out} checks:{len(checks)} failed:{len(failed)}")
+    for f in findings:
+        print(f.line())
+    failed = [c for c in checks if not c.ok] + [f for f in findings if f.failed]
+    print(f"submission:{out} checks:{len(checks) + len(findings)} failed:{len(failed)}")
     return 1 if failed else 0
 
 
