@@ -55,6 +55,9 @@ class Backend(Protocol):
     # QUANT=gptq, collective: H = sum of x^T x of each shared.quant.gptq.targets(cfg) weight's input over every
     # rank's batches, divided by their total count; float32 numpy
     def hessians(self, cfg: Hyperparameters, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]: ...
+    # GPTQ_SOLVER: the column solve shared.quant.gptq.quantize runs (its numpy_solver's signature; a `name`
+    # attribute, if any, goes to the export line); None: the numpy reference
+    def gptq_solver(self, cfg: Hyperparameters) -> Callable | None: ...
     def ttt_engine(self) -> ttt.Engine: ...  # score-first TTT over the built model (TTT_ENABLED; shared/ttt.py)
     def any_rank(self, flag: bool) -> bool: ...  # collective OR
     def max_over_ranks(self, value: float) -> float: ...  # collective MAX
@@ -325,17 +328,20 @@ def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str, loader: TokenL
         hessians = be.hessians(cfg, batches)
         timings["hessians"] = time.perf_counter() - t0
     weights = be.weights()
-    on_rank0(be, lambda: artifact.save_artifact(path, weights, cfg, tokenizer_sha, hessians, timings),
+    solver = be.gptq_solver(cfg) if cfg.quant == "gptq" else None
+    on_rank0(be, lambda: artifact.save_artifact(path, weights, cfg, tokenizer_sha, hessians, timings, solver),
              f"artifact {path}")
     if log is not None and be.rank == 0:
-        log(export_line(cfg, hessians, timings))
+        log(export_line(cfg, hessians, timings, getattr(solver, "name", "numpy")))
     return path
 
 
-def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, float]) -> str:
+def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, float],
+                solver: str = "numpy") -> str:
     """quant:... compressor:... then the seconds of each phase; GPTQ without Hessians says so."""
     line = f"export quant:{cfg.quant} compressor:{cfg.compressor}"
     if cfg.quant == "gptq":
+        line += f" solver:{solver}"
         targets = gptq_targets(cfg)
         missing = [n for n in targets if n not in (hessians or {})]
         line += f" calibrated:{len(targets) - len(missing)}/{len(targets)}"
