@@ -338,16 +338,16 @@ def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str, loader: TokenL
 
 def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, float],
                 solver: str = "numpy") -> str:
-    """quant:... compressor:... then the seconds of each phase; GPTQ without Hessians says so."""
+    """quant:... compressor:... then the seconds of each phase, then GPTQ's solver; GPTQ without Hessians says so."""
     line = f"export quant:{cfg.quant} compressor:{cfg.compressor}"
     if cfg.quant == "gptq":
-        line += f" solver:{solver}"
         targets = gptq_targets(cfg)
         missing = [n for n in targets if n not in (hessians or {})]
         line += f" calibrated:{len(targets) - len(missing)}/{len(targets)}"
         if missing:
             line += f" identity_hessian(round-to-nearest):{','.join(missing[:3])}{'...' if len(missing) > 3 else ''}"
-    return line + "".join(f" {k}:{v:.2f}s" for k, v in timings.items())
+    line += "".join(f" {k}:{v:.2f}s" for k, v in timings.items())
+    return line + (f" solver:{solver}" if cfg.quant == "gptq" else "")
 
 
 def score_artifact(be: Backend, path: str, cfg: Hyperparameters, data: bpb.EvalData, log: RunLog,
