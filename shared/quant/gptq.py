@@ -11,7 +11,8 @@ the artifact-size knob.
 Numerics: every GPTQ step runs in float64 (W, H, the Cholesky factor, the error propagation), so the integers
 depend only on the numpy weights and the Hessian, never on the framework that trained. Scales are rounded to
 fp16 before they are used for rounding, so the decoder's q * s is exactly what the encoder aimed at. Rounding
-is numpy's rint (half to even), as torch.round.
+is numpy's rint (half to even), as torch.round. The column solve is this module's reference (GPTQ_SOLVER=numpy);
+quantize takes another solver for the same jobs (torch_gptq.py: the same steps on the trainer's GPU).
 
 Per tensor (first matching rule; RECORD_STACK.md §6.2 table; knobs in shared/config.py):
     tok_emb.weight            EMBED_BITS,  EMBED_CLIP_SIGMAS
@@ -133,7 +134,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scales: np.ndarray, bits:
 def _quantize_block(wb: np.ndarray, err: np.ndarray, u: np.ndarray, s: np.ndarray, r: int) -> np.ndarray:
     """One block of columns, column by column, in place: wb (block, rows) the block's columns as rows, err
     (block, rows) receives the scaled errors, u (block, block) the block's part of U, s (rows,) the scales.
-    Elementwise only (no reductions), so the bits do not depend on how the rows are chunked."""
+    Each step is the textbook loop's operation on the same operands (w / s, rint, clip, w - q*s, / U[j,j],
+    w - U[j,k]*err; into preallocated buffers, the later columns stored as contiguous rows), elementwise with
+    no reductions: the integers are the plain column loop's bit for bit, however the rows are chunked."""
     q = np.empty(wb.shape)
     tmp = np.empty(wb.shape)
     for j in range(wb.shape[0]):
