@@ -35,6 +35,7 @@ import numpy as np
 NAME = "gptq_sdclip_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536  # the record's passthrough threshold (§6.3)
 BLOCK = 128  # GPTQ's lazy-update block (columns)
+TRI_LEAF = 64  # lower_triangular_inverse: blocks this small are solved directly
 ROW_CHUNK = 512  # rows per pass through a block: keeps the block's working set (128 x 512 float64) in L2 cache
 DAMP = 0.01  # H += DAMP * mean(diag H) * I
 GATE_LEVELS = 127  # 'gate' tensors: symmetric int8 per row
@@ -101,11 +102,25 @@ def act_order(h: np.ndarray) -> np.ndarray:
 
 
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U upper-triangular with H^-1 = U^T U (GPTQ's reference: cholesky, cholesky_inverse, cholesky upper)."""
-    lower = np.linalg.cholesky(h)
-    inv_lower = np.linalg.solve(lower, np.eye(h.shape[0]))
-    h_inv = inv_lower.T @ inv_lower
-    return np.linalg.cholesky(h_inv).T
+    """U upper-triangular with H^-1 = U^T U: GPTQ's reference computes it in three steps (cholesky,
+    cholesky_inverse, cholesky upper); one Cholesky factor gives it. With J the order reversal and
+    J H J = M M^T (M lower-triangular), H^-1 = (J M^-1 J)^T (J M^-1 J), and J M^-1 J is upper-triangular with a
+    positive diagonal: the same U (to ~1e-15 relative) for about a quarter of the flops."""
+    m = np.linalg.cholesky(h[::-1, ::-1])
+    return np.ascontiguousarray(lower_triangular_inverse(m)[::-1, ::-1])
+
+
+def lower_triangular_inverse(m: np.ndarray) -> np.ndarray:
+    """M^-1 of a lower-triangular M by halves, [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], as
+    LAPACK's blocked trtri (numpy has no triangular solve); blocks up to TRI_LEAF by a dense solve."""
+    n = m.shape[0]
+    if n <= TRI_LEAF:
+        return np.tril(np.linalg.solve(m, np.eye(n)))  # the solve's pivoting leaves ~1e-17 above the diagonal
+    k = n // 2
+    out = np.zeros_like(m)
+    out[:k, :k], out[k:, k:] = lower_triangular_inverse(m[:k, :k]), lower_triangular_inverse(m[k:, k:])
+    out[k:, :k] = -(out[k:, k:] @ (m[k:, :k] @ out[:k, :k]))
+    return out
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scales: np.ndarray, bits: int,
