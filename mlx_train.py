@@ -71,8 +71,6 @@ class MLXBackend:
     def __init__(self, cfg: Hyperparameters):
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise ValueError("WORLD_SIZE must be 1 for mlx_train.py (one process; use cuda_train.py under torchrun)")
-        if cfg.gptq_solver == "torch":
-            raise ValueError("GPTQ_SOLVER=torch runs in cuda_train.py; mlx_train.py solves in numpy (numpy or auto)")
         auto = mx.bfloat16 if mx.metal.is_available() else mx.float32  # bf16 on a CPU is slow, not what CI checks
         self.dtype = auto if cfg.compute_dtype == "auto" else DTYPES[cfg.compute_dtype]
         self.cfg = cfg
@@ -205,7 +203,9 @@ class MLXBackend:
         return collect_hessians(self.model, chunks, gptq_targets(cfg), divisor=len(batches))
 
     def gptq_solver(self, cfg: Hyperparameters) -> None:
-        """GPTQ_SOLVER numpy or auto: the numpy reference (torch is refused in __init__)."""
+        """GPTQ_SOLVER numpy or auto: the numpy reference; torch is refused (loop.preflight asks before training)."""
+        if cfg.gptq_solver == "torch":
+            raise ValueError("GPTQ_SOLVER=torch runs in cuda_train.py; mlx_train.py solves in numpy (numpy or auto)")
         return None
 
     def ttt_engine(self) -> MLXTTT:

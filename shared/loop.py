@@ -142,6 +142,8 @@ def preflight(cfg: Hyperparameters, be: Backend) -> None:
             raise ValueError(f"CHECKPOINT_PATH={cfg.checkpoint_path!r} is not a valid template; only {{step}} "
                              f"may appear ({exc!r})") from None
         check_output_path(ckpt, "CHECKPOINT_PATH")
+    if cfg.quant == "gptq":
+        be.gptq_solver(cfg)  # a backend that cannot run GPTQ_SOLVER says so now, not after training
     if cfg.quant == "gptq" and cfg.gptq_calibration_batches % be.world_size:
         raise ValueError(f"GPTQ_CALIBRATION_BATCHES={cfg.gptq_calibration_batches} must be a multiple of WORLD_SIZE="
                          f"{be.world_size} (the ranks share the calibration micro-batches)")

@@ -119,3 +119,14 @@ def test_the_knob_picks_the_solver():
     assert isinstance(solver, torch_gptq.TorchSolver) and solver.device == be.device
     auto = be.gptq_solver(dataclasses.replace(cfg, gptq_solver="auto"))
     assert (auto is not None) == (be.device.type == "cuda")
+
+
+def test_the_mlx_trainer_refuses_the_torch_solver():
+    pytest.importorskip("mlx.core")
+    import mlx_train
+
+    cfg = Hyperparameters.from_env({"PRESET": "tiny", "QUANT": "gptq", "GPTQ_SOLVER": "torch"})
+    be = mlx_train.MLXBackend(cfg)  # builds (an artifact made with torch still scores under MLX)
+    with pytest.raises(ValueError, match="GPTQ_SOLVER=torch"):
+        be.gptq_solver(cfg)
+    assert be.gptq_solver(dataclasses.replace(cfg, gptq_solver="auto")) is None
