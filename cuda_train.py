@@ -28,6 +28,7 @@ from shared.spec import micro_batch_tokens
 from shared.quant.gptq import targets as gptq_targets
 from torch_model import build_model, collect_hessians, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
 from torch_optim import Optimizers
+from torch_gptq import TorchSolver
 from torch_ttt import TorchTTT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -176,6 +177,12 @@ class TorchBackend:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             out[name] = to_numpy(t / (len(batches) * self.world_size))
         return out
+
+    def gptq_solver(self, cfg: Hyperparameters) -> TorchSolver | None:
+        """GPTQ_SOLVER=torch, or auto on a GPU: torch_gptq.py on this device (seconds there, minutes in numpy on
+        a CPU); None: the numpy reference."""
+        use = cfg.gptq_solver == "torch" or (cfg.gptq_solver == "auto" and self.device.type == "cuda")
+        return TorchSolver(self.device) if use else None
 
     def ttt_engine(self) -> TorchTTT:
         """Score-first TTT over the built model (RECORD_STACK.md §7.2; torch_ttt.py); freezes the base weights."""

@@ -202,6 +202,12 @@ class MLXBackend:
         chunks = [(mx.array(c), self._segments(c)) for x, _ in batches for c in _split(x, self.cfg)]
         return collect_hessians(self.model, chunks, gptq_targets(cfg), divisor=len(batches))
 
+    def gptq_solver(self, cfg: Hyperparameters) -> None:
+        """GPTQ_SOLVER numpy or auto: the numpy reference; torch is refused (loop.preflight asks before training)."""
+        if cfg.gptq_solver == "torch":
+            raise ValueError("GPTQ_SOLVER=torch runs in cuda_train.py; mlx_train.py solves in numpy (numpy or auto)")
+        return None
+
     def ttt_engine(self) -> MLXTTT:
         """Score-first TTT over the built model (RECORD_STACK.md §7.2; mlx_ttt.py)."""
         return MLXTTT(self.model, self.cfg, require_bos(self.bos_id, "TTT_ENABLED"))

@@ -2,6 +2,7 @@
 
     python bench/quant.py                       # PRESET=record shapes (35.9M parameters)
     PRESET=mac python bench/quant.py --fast     # smaller, and skips brotli
+    python bench/quant.py --gptq-only --solver torch --device cuda --compare   # GPTQ_SOLVER=torch on a GPU
 
 The state is synthetic but shaped like trained weights: every matrix drawn from a Student-t (5 degrees of
 freedom, heavier tails than a Gaussian, as trained weights have) scaled to std 1/sqrt(cols), small tensors
@@ -10,6 +11,8 @@ uneven per-channel energy GPTQ exploits). Prints: artifact bytes and bits per pa
 GPTQ (with and without LQER) under each compressor, the order-0 entropy limit of the integers, whether a
 context model (previous integer's magnitude, row-scale quartile) would pay, and the seconds of each phase.
 lrzip (the record's ZPAQ back end, RECORD_STACK.md §6.5) is measured only when the binary is on PATH.
+--gptq-only: only GPTQ (with --solver on --device; torch_gptq.py for torch) and LQER, packed once with the
+record's coder (entropy); --compare also runs the numpy reference and counts the integers that differ.
 """
 from __future__ import annotations
 
@@ -114,24 +117,68 @@ def lrzip_line(tensors: dict[str, np.ndarray], n_params: int) -> str:
             f"enc {time.perf_counter() - t0:6.2f}s")
 
 
+def make_solver(name: str, device: str):
+    """GPTQ_SOLVER's solve: the numpy reference, or torch_gptq.py on `device` (imported only then)."""
+    if name == "numpy":
+        if device != "cpu":
+            raise ValueError("--solver numpy runs on the CPU: drop --device or use --solver torch")
+        return gptq.numpy_solver
+    import torch
+    import torch_gptq
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch finds no CUDA device here")
+    return torch_gptq.TorchSolver(torch.device(device))
+
+
+def gptq_only(cfg, state, hessians, stores, n: int, solver, compare: bool) -> None:
+    """GPTQ (+ LQER, as the record) with `solver`, twice for a device solver (the first run pays the GPU's
+    start-up), then one artifact with the record's coder; --compare: the numpy reference's integers too."""
+    runs = 2 if solver is not gptq.numpy_solver else 1
+    for run in range(runs):
+        timings = {}
+        tensors, index = gptq.quantize(state, stores, cfg, hessians, timings, solver=solver)
+        print(f"gptq solver:{getattr(solver, 'name', 'numpy')} run {run + 1}: gptq {timings['gptq']:.2f}s "
+              f"lqer {timings['lqer']:.2f}s")
+    blob, enc = timed(artifact.pack, tensors, index, cfg, gptq.NAME, cfg.compressor)
+    print(row(f"gptq + lqer + {cfg.compressor}", blob, n, enc, decode_seconds(blob)))
+    if compare:
+        timings = {}
+        want, _ = gptq.quantize(state, stores, cfg, hessians, timings)
+        ints = [k for k in want if k.startswith("q:")]
+        diff = sum(int((want[k] != tensors[k]).sum()) for k in ints)
+        size = len(artifact.pack(want, index, cfg, gptq.NAME, cfg.compressor))
+        print(f"numpy reference: gptq {timings['gptq']:.2f}s; integers differing from it: {diff:,} of "
+              f"{sum(want[k].size for k in ints):,}; its artifact {size:,} B")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fast", action="store_true", help="skip brotli and lzma (the slow compressors)")
+    ap.add_argument("--gptq-only", action="store_true", help="only GPTQ + LQER and one artifact (COMPRESSOR=entropy)")
+    ap.add_argument("--solver", choices=("numpy", "torch"), default="numpy", help="GPTQ_SOLVER")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --solver torch runs")
+    ap.add_argument("--compare", action="store_true", help="--gptq-only: count integers differing from numpy's")
     args = ap.parse_args()
+    solver = make_solver(args.solver, args.device)
     cfg = Hyperparameters.from_env({"PRESET": os.environ.get("PRESET", "record")})
     cfg = dataclasses.replace(cfg, quant="gptq", matrix_bits=6, embed_bits=7, lqer_enabled=False)
     n = count_params(cfg)
+    t0 = time.perf_counter()
     state, hessians = synthetic_state(cfg), synthetic_hessians(cfg)
     stores = {p.name: p.store for p in param_table(cfg)}
     print(f"state: PRESET={os.environ.get('PRESET', 'record')} {n:,} parameters (synthetic), "
-          f"{len(hessians)} Hessians (synthetic)")
+          f"{len(hessians)} Hessians (synthetic), built in {time.perf_counter() - t0:.1f}s")
+    if args.gptq_only:
+        lq_cfg = dataclasses.replace(cfg, lqer_enabled=True, compressor="entropy")
+        return gptq_only(lq_cfg, state, hessians, stores, n, solver, args.compare)
     compressors = ["zstd", "entropy"] + ([] if args.fast else ["lzma", "brotli"])
     (t8, i8), s8 = timed(int8.quantize, state, stores)
     blob, enc = timed(artifact.pack, t8, i8, cfg, int8.NAME, "zstd")
     print(row("int8 per row + zstd-22", blob, n, enc + s8, decode_seconds(blob)))
     timings = {}
-    (tg, ig), _ = timed(gptq.quantize, state, stores, cfg, hessians, timings)
-    print(f"gptq (numpy float64): {timings['gptq']:.1f}s")
+    (tg, ig), _ = timed(lambda: gptq.quantize(state, stores, cfg, hessians, timings, solver=solver))
+    print(f"gptq ({getattr(solver, 'name', 'numpy')} float64): {timings['gptq']:.1f}s")
     ints = sum(coding.entropy_bits(v) for k, v in tg.items() if v.dtype == np.int8) / 8
     rest = sum(v.nbytes for k, v in tg.items() if v.dtype != np.int8)
     print(f"order-0 entropy limit of gptq's integers: {ints:,.0f} B (+ {rest:,} B of scales and fp16 tensors, "

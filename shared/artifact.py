@@ -91,17 +91,19 @@ def check_matches_table(state: dict[str, np.ndarray], cfg: Hyperparameters) -> N
 
 def encode_artifact(state: dict[str, np.ndarray], cfg: Hyperparameters, tokenizer_sha256: str = "",
                     scheme: str | None = None, level: int = ZSTD_LEVEL, hessians: dict[str, np.ndarray] | None = None,
-                    compressor: str | None = None, timings: dict[str, float] | None = None) -> bytes:
+                    compressor: str | None = None, timings: dict[str, float] | None = None, solver=None) -> bytes:
     """Quantize (scheme default: QUANT's), code and pack (compressor default: COMPRESSOR's); FloatingPointError if
     a weight or a stored value (e.g. past fp16's 65,504) is not finite. hessians: name -> H for GPTQ (absent ->
-    identity). timings, if given, receives the seconds of each phase (the scheme's, then 'coding')."""
+    identity). timings, if given, receives the seconds of each phase (the scheme's, then 'coding'). solver: GPTQ's
+    column solve (GPTQ_SOLVER; shared/quant/gptq.numpy_solver's signature), None: the numpy reference."""
     scheme = quant.BY_KNOB[cfg.quant] if scheme is None else scheme
     compressor = cfg.compressor if compressor is None else compressor
     check_matches_table(state, cfg)
     check_finite(state, "weights")
     stores = {p.name: p.store for p in param_table(cfg)}
     timings = {} if timings is None else timings
-    tensors, index = quant.scheme(scheme).quantize(state, stores, cfg, hessians, timings)
+    extra = {} if solver is None else {"solver": solver}  # only the gptq scheme has a solve to swap
+    tensors, index = quant.scheme(scheme).quantize(state, stores, cfg, hessians, timings, **extra)
     check_finite({k: v.astype(np.float32) for k, v in tensors.items()}, "quantized weights (past fp16 range?)")
     t0 = time.perf_counter()
     blob = pack(tensors, index, cfg, scheme, compressor, tokenizer_sha256, level)
@@ -186,9 +188,9 @@ def compress(raw: bytes, compressor: str, level: int = ZSTD_LEVEL) -> bytes:
 
 def save_artifact(path: str | os.PathLike, state: dict[str, np.ndarray], cfg: Hyperparameters,
                   tokenizer_sha256: str = "", hessians: dict[str, np.ndarray] | None = None,
-                  timings: dict[str, float] | None = None) -> int:
+                  timings: dict[str, float] | None = None, solver=None) -> int:
     """Check, quantize, compress, write atomically (a failure keeps the previous file); returns the size."""
-    blob = encode_artifact(state, cfg, tokenizer_sha256, hessians=hessians, timings=timings)
+    blob = encode_artifact(state, cfg, tokenizer_sha256, hessians=hessians, timings=timings, solver=solver)
     atomic_write_bytes(path, blob)
     return len(blob)
 

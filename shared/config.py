@@ -43,6 +43,7 @@ EVAL_OVERRIDABLE = ("eval", "run", "backend")
 RESUME_CHANGEABLE = ("eval", "run", "backend", "export")
 QUANTS = ("int8", "gptq")  # shared/quant/: int8 = the official per-row int8; gptq = GPTQ + SDClip (+ LQER)
 COMPRESSORS = ("zstd", "lzma", "brotli", "entropy")  # shared/artifact.py; entropy = shared/quant/coding.py
+GPTQ_SOLVERS = ("numpy", "torch", "auto")  # numpy = the reference; torch = torch_gptq.py; auto = torch on CUDA
 
 
 def _f(default: Any, role: str) -> Any:
@@ -170,6 +171,7 @@ class Hyperparameters:
     embed_clip_sigmas: float = _f(20.0, "export")  # the record runs 14.0
     quant_passthrough_numel: int = _f(65_536, "export")  # gptq: matrices up to this size stay fp16 (record 65,536)
     gptq_calibration_batches: int = _f(16, "export")  # training micro-batches whose activations give H = sum x^T x
+    gptq_solver: str = _f("numpy", "export")  # numpy | torch (the trainer's device) | auto (torch on CUDA, else numpy)
     lqer_enabled: bool = _f(False, "export")  # low-rank correction of the worst GPTQ tensors (§6.4)
     lqer_rank: int = _f(4, "export")
     lqer_top_k: int = _f(3, "export")  # tensors by ||W - W_hat||_F
@@ -262,6 +264,7 @@ class Hyperparameters:
     def _validate_export(self) -> None:
         _require(self.quant in QUANTS, "quant", f"must be one of {QUANTS}")
         _require(self.compressor in COMPRESSORS, "compressor", f"must be one of {COMPRESSORS}")
+        _require(self.gptq_solver in GPTQ_SOLVERS, "gptq_solver", f"must be one of {GPTQ_SOLVERS}")
         for name in ("matrix_bits", "embed_bits"):
             _require(2 <= getattr(self, name) <= 8, name, "must be in [2, 8] (stored as int8)")
         for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
@@ -407,6 +410,7 @@ PRESETS["record"] = dict(RECORD_MODEL, **RECORD_OPTIMIZER,
                          attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0,
                          gptq_calibration_batches=16, lqer_enabled=True, lqer_rank=4, lqer_top_k=3,
                          lqer_asym_group=64,
+                         gptq_solver="auto",  # GPTQ's solve on the GPU when the trainer has one (seconds, not minutes)
                          # §7.2, §8: the scored number is phased score-first TTT
                          ttt_enabled=True, ttt_lora_rank=80, ttt_lora_alpha=144.0, ttt_lora_lr=1e-4,
                          ttt_chunk_size=48, ttt_eval_seq_len=2048, ttt_batch_size=64, ttt_beta1=0.0,

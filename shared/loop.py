@@ -55,6 +55,9 @@ class Backend(Protocol):
     # QUANT=gptq, collective: H = sum of x^T x of each shared.quant.gptq.targets(cfg) weight's input over every
     # rank's batches, divided by their total count; float32 numpy
     def hessians(self, cfg: Hyperparameters, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]: ...
+    # GPTQ_SOLVER: the column solve shared.quant.gptq.quantize runs (its numpy_solver's signature; a `name`
+    # attribute, if any, goes to the export line); None: the numpy reference
+    def gptq_solver(self, cfg: Hyperparameters) -> Callable | None: ...
     def ttt_engine(self) -> ttt.Engine: ...  # score-first TTT over the built model (TTT_ENABLED; shared/ttt.py)
     def any_rank(self, flag: bool) -> bool: ...  # collective OR
     def max_over_ranks(self, value: float) -> float: ...  # collective MAX
@@ -139,6 +142,8 @@ def preflight(cfg: Hyperparameters, be: Backend) -> None:
             raise ValueError(f"CHECKPOINT_PATH={cfg.checkpoint_path!r} is not a valid template; only {{step}} "
                              f"may appear ({exc!r})") from None
         check_output_path(ckpt, "CHECKPOINT_PATH")
+    if cfg.quant == "gptq":
+        be.gptq_solver(cfg)  # a backend that cannot run GPTQ_SOLVER says so now, not after training
     if cfg.quant == "gptq" and cfg.gptq_calibration_batches % be.world_size:
         raise ValueError(f"GPTQ_CALIBRATION_BATCHES={cfg.gptq_calibration_batches} must be a multiple of WORLD_SIZE="
                          f"{be.world_size} (the ranks share the calibration micro-batches)")
@@ -325,15 +330,17 @@ def export(be: Backend, cfg: Hyperparameters, tokenizer_sha: str, loader: TokenL
         hessians = be.hessians(cfg, batches)
         timings["hessians"] = time.perf_counter() - t0
     weights = be.weights()
-    on_rank0(be, lambda: artifact.save_artifact(path, weights, cfg, tokenizer_sha, hessians, timings),
+    solver = be.gptq_solver(cfg) if cfg.quant == "gptq" else None
+    on_rank0(be, lambda: artifact.save_artifact(path, weights, cfg, tokenizer_sha, hessians, timings, solver),
              f"artifact {path}")
     if log is not None and be.rank == 0:
-        log(export_line(cfg, hessians, timings))
+        log(export_line(cfg, hessians, timings, getattr(solver, "name", "numpy")))
     return path
 
 
-def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, float]) -> str:
-    """quant:... compressor:... then the seconds of each phase; GPTQ without Hessians says so."""
+def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, float],
+                solver: str = "numpy") -> str:
+    """quant:... compressor:... then the seconds of each phase, then GPTQ's solver; GPTQ without Hessians says so."""
     line = f"export quant:{cfg.quant} compressor:{cfg.compressor}"
     if cfg.quant == "gptq":
         targets = gptq_targets(cfg)
@@ -341,7 +348,8 @@ def export_line(cfg: Hyperparameters, hessians: dict | None, timings: dict[str, 
         line += f" calibrated:{len(targets) - len(missing)}/{len(targets)}"
         if missing:
             line += f" identity_hessian(round-to-nearest):{','.join(missing[:3])}{'...' if len(missing) > 3 else ''}"
-    return line + "".join(f" {k}:{v:.2f}s" for k, v in timings.items())
+    line += "".join(f" {k}:{v:.2f}s" for k, v in timings.items())
+    return line + (f" solver:{solver}" if cfg.quant == "gptq" else "")
 
 
 def score_artifact(be: Backend, path: str, cfg: Hyperparameters, data: bpb.EvalData, log: RunLog,

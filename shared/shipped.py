@@ -20,7 +20,8 @@ import subprocess
 from pathlib import Path
 
 TRAINER_NAME = "cuda_train.py"
-SHIPPED_TOP_LEVEL = ("torch_model", "torch_optim", "torch_ttt")  # imported by cuda_train.py, beside it in the repo root
+# imported by cuda_train.py, beside it in the repo root
+SHIPPED_TOP_LEVEL = ("torch_gptq", "torch_model", "torch_optim", "torch_ttt")
 SHARED_PACKAGE = "shared"
 DIGEST_HEX = 16
 GIT_TIMEOUT_S = 5.0

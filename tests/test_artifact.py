@@ -228,7 +228,8 @@ def test_size_report_counts_the_shipped_code(tmp_path):
     files = [Path(f) for f in code_files(trainer)]
     assert files[0] == trainer.resolve()
     # what ships, listed here from the rule in shared/shipped.py: the trainer, its model/optim/TTT modules, shared/**.py
-    want_files = {trainer, ROOT / "torch_model.py", ROOT / "torch_optim.py", ROOT / "torch_ttt.py"}
+    want_files = {trainer, ROOT / "torch_gptq.py", ROOT / "torch_model.py", ROOT / "torch_optim.py",
+                  ROOT / "torch_ttt.py"}
     want_files |= set((ROOT / "shared").rglob("*.py"))
     assert set(files) == {f.resolve() for f in want_files} and len(files) == len(want_files)
     want_code = sum(len(f.read_bytes().decode("utf-8").encode("utf-8")) for f in files)

@@ -18,10 +18,13 @@ from shared.spec import init_params, param_table
 
 pytest.importorskip("constriction")
 
-# Big enough that tok_emb and the MLP matrices (> 65,536 elements) go through GPTQ; a sparse gate row ('gate').
-CFG = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "512", "MODEL_DIM": "256", "NUM_HEADS": "4",
+# Small (95k parameters): tok_emb (1040 x 64) just past int8's fixed 65,536-element float threshold, and GPTQ's
+# passthrough lowered to 2,048 elements, so that tok_emb, c_q, proj and the MLP matrices go through GPTQ while c_k
+# and c_v stay fp16; a sparse gate row ('gate').
+CFG = Hyperparameters.from_env({"PRESET": "tiny", "VOCAB_SIZE": "1040", "MODEL_DIM": "64", "NUM_HEADS": "4",
                                 "NUM_LAYERS": "1", "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "1024",
-                                "SPARSE_ATTN_GATE_ENABLED": "1", "MATRIX_BITS": "6", "EMBED_BITS": "7"})
+                                "SPARSE_ATTN_GATE_ENABLED": "1", "MATRIX_BITS": "6", "EMBED_BITS": "7",
+                                "QUANT_PASSTHROUGH_NUMEL": "2048"})
 STORES = {p.name: p.store for p in param_table(CFG)}
 SHA = "cd" * 32
 HAVE_BROTLI = __import__("importlib").util.find_spec("brotli") is not None
@@ -32,6 +35,44 @@ COMBOS = [(q, c) for q in ("int8", "gptq") for c in COMPRESSORS  # int8 with the
 def _state():
     rng = np.random.default_rng(5)
     return {k: (rng.standard_normal(v.shape) * 0.05).astype(np.float32) for k, v in init_params(CFG).items()}
+
+
+def _hessians():
+    """A calibrated-looking H = X^T X for every GPTQ target (so the artifacts hold a real GPTQ solve)."""
+    rng = np.random.default_rng(6)
+    shapes = {p.name: p.shape for p in param_table(CFG)}
+    xs = {n: rng.standard_normal((3 * shapes[n][1], shapes[n][1])) for n in gptq.targets(_cfg("gptq", "zstd"))}
+    return {n: (x.T @ x).astype(np.float32) for n, x in xs.items()}
+
+
+def _cfg(quant, compressor):
+    """Every artifact here: GPTQ with LQER on 2 tensors (so the LQER tensors travel through every coder)."""
+    return dataclasses.replace(CFG, quant=quant, compressor=compressor, lqer_enabled=quant == "gptq", lqer_top_k=2)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(quant, compressor) -> (file bytes, size save_artifact returned, its timings), each written once."""
+    out = {}
+    for quant, compressor in COMBOS:
+        path, timings = tmp_path_factory.mktemp(f"{quant}_{compressor}") / "a.art", {}
+        n = save_artifact(path, _state(), _cfg(quant, compressor), SHA, _hessians(), timings)
+        out[quant, compressor] = path.read_bytes(), n, timings
+    return out
+
+
+@pytest.fixture(scope="module")
+def want():
+    """quant -> the state each scheme's own quantize + dequantize gives (what every artifact must decode to)."""
+    scheme = {"int8": int8, "gptq": gptq}
+    return {q: scheme[q].dequantize(*scheme[q].quantize(_state(), STORES, _cfg(q, "zstd"), _hessians()))
+            for q in scheme}
+
+
+def _written(tmp_path, saved, quant, compressor):
+    path = tmp_path / "a.art"
+    path.write_bytes(saved[quant, compressor][0])
+    return path
 
 
 def _unpack(path):
@@ -48,19 +89,15 @@ def _repack(path, meta, tensors, compressor, rehash=False):
 
 
 @pytest.mark.parametrize("quant,compressor", COMBOS)
-def test_every_quant_and_compressor_round_trips_bit_exactly(tmp_path, quant, compressor):
-    cfg = dataclasses.replace(CFG, quant=quant, compressor=compressor, lqer_enabled=quant == "gptq", lqer_top_k=2)
-    state, path = _state(), tmp_path / "a.art"
-    timings = {}
-    n = save_artifact(path, state, cfg, SHA, timings=timings)
+def test_every_quant_and_compressor_round_trips_bit_exactly(tmp_path, saved, want, quant, compressor):
+    path = _written(tmp_path, saved, quant, compressor)
+    _, n, timings = saved[quant, compressor]
     assert n == path.stat().st_size and "coding" in timings
     art = read_artifact(path)
-    assert art.cfg == cfg and art.tokenizer_sha256 == SHA
-    scheme = gptq if quant == "gptq" else int8
-    want = scheme.dequantize(*scheme.quantize(state, STORES, cfg))
-    for name in want:
+    assert art.cfg == _cfg(quant, compressor) and art.tokenizer_sha256 == SHA
+    for name in want[quant]:
         assert art.state[name].dtype == np.float32
-        assert np.array_equal(art.state[name], want[name]), name
+        assert np.array_equal(art.state[name], want[quant][name]), name
     _, meta, tensors = _unpack(path)
     assert meta["format_version"] == "3" and meta["compressor"] == compressor
     coded = json.loads(meta["coding"])
@@ -99,9 +136,8 @@ def test_version_1_and_2_files_load_unchanged(tmp_path, version):
 
 
 @pytest.mark.parametrize("compressor", [c for q, c in COMBOS if q == "gptq"])
-def test_truncated_files_are_named_errors(tmp_path, compressor):
-    path = tmp_path / "a.art"
-    save_artifact(path, _state(), dataclasses.replace(CFG, quant="gptq", compressor=compressor))
+def test_truncated_files_are_named_errors(tmp_path, saved, compressor):
+    path = _written(tmp_path, saved, "gptq", compressor)
     good = path.read_bytes()
     for cut in (len(good) - 1, len(good) // 2, 5):
         path.write_bytes(good[:cut])
@@ -112,10 +148,8 @@ def test_truncated_files_are_named_errors(tmp_path, compressor):
         load_artifact(path)
 
 
-def test_wrong_version_compressor_mismatch_and_hashed_tables(tmp_path):
-    path = tmp_path / "a.art"
-    cfg = dataclasses.replace(CFG, quant="gptq", compressor="entropy")
-    save_artifact(path, _state(), cfg)
+def test_wrong_version_compressor_mismatch_and_hashed_tables(tmp_path, saved):
+    path = _written(tmp_path, saved, "gptq", "entropy")
     _, meta, tensors = _unpack(path)
     _repack(path, dict(meta, format_version="4"), tensors, "zstd")
     with pytest.raises(ArtifactError, match="format version '4' is not supported"):
@@ -134,10 +168,9 @@ def test_wrong_version_compressor_mismatch_and_hashed_tables(tmp_path):
         load_artifact(path)
 
 
-def test_a_stream_that_does_not_decode_names_its_tensor(tmp_path):
+def test_a_stream_that_does_not_decode_names_its_tensor(tmp_path, saved):
     """Even with a matching hash (a writer bug, not a flipped bit), a short ANS stream is a named error."""
-    path = tmp_path / "a.art"
-    save_artifact(path, _state(), dataclasses.replace(CFG, quant="gptq", compressor="entropy"))
+    path = _written(tmp_path, saved, "gptq", "entropy")
     _, meta, tensors = _unpack(path)
     tensors["ans:q:blocks.0.mlp.fc.weight"] = tensors["ans:q:blocks.0.mlp.fc.weight"][:-1].copy()
     _repack(path, meta, tensors, "zstd", rehash=True)
@@ -145,11 +178,8 @@ def test_a_stream_that_does_not_decode_names_its_tensor(tmp_path):
         load_artifact(path)
 
 
-def test_entropy_coding_is_smaller_than_zstd_on_gptq_integers(tmp_path):
-    sizes = {}
-    for compressor in ("zstd", "entropy"):
-        cfg = dataclasses.replace(CFG, quant="gptq", compressor=compressor)
-        sizes[compressor] = save_artifact(tmp_path / compressor, _state(), cfg)
+def test_entropy_coding_is_smaller_than_zstd_on_gptq_integers(saved):
+    sizes = {c: saved["gptq", c][1] for c in ("zstd", "entropy")}
     assert sizes["entropy"] < 0.97 * sizes["zstd"], sizes
 
 

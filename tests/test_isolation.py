@@ -78,13 +78,13 @@ def test_shipped_lists_the_trainer_its_top_level_modules_and_every_shared_file()
 
 def test_a_new_module_or_subpackage_ships_without_editing_a_list(tmp_path):
     for rel in ("shared/__init__.py", "shared/a.py", "shared/quant/__init__.py", "shared/quant/int8.py",
-                "shared/ns/leaf.py", "shared/__pycache__/a.cpython-311.pyc", "torch_model.py", "torch_optim.py",
-                "torch_ttt.py", "tools/bundle.py", "notes.py"):
+                "shared/ns/leaf.py", "shared/__pycache__/a.cpython-311.pyc", "torch_gptq.py", "torch_model.py",
+                "torch_optim.py", "torch_ttt.py", "tools/bundle.py", "notes.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
     modules = shipped.shipped_modules(tmp_path)
     assert list(modules) == ["shared", "shared.a", "shared.ns.leaf", "shared.quant", "shared.quant.int8",
-                             "torch_model", "torch_optim", "torch_ttt"]
+                             "torch_gptq", "torch_model", "torch_optim", "torch_ttt"]
     assert modules["shared.quant"] == tmp_path / "shared" / "quant" / "__init__.py"
     assert shipped.package_names(modules) == ["shared", "shared.ns", "shared.quant"]
 

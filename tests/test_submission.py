@@ -30,6 +30,7 @@ FAKE_REPO = {
     "torch_model.py": "from shared.quant import BITS\nMODEL = BITS + 1\n",
     "torch_optim.py": "from shared.ns.leaf import LEAF\n",
     "torch_ttt.py": "TTT = 1\n",
+    "torch_gptq.py": "GPTQ = 1\n",
     "cuda_train.py": ("import sys\nimport shared.quant, shared.ns.leaf, torch_model, torch_optim\n"
                       "from shared import shipped\n"
                       "if __name__ == '__main__':\n"
