@@ -35,7 +35,7 @@ from shared.spec import count_params, param_table  # noqa: E402
 
 CODERS = ("zstd", "lzma", "brotli", "entropy")
 QUANTIZERS = {  # row name -> knobs over the run's config
-    "int8": dict(quant="int8"),
+    "int8": dict(quant="int8", lqer_enabled=False),
     "rtn": dict(quant="gptq", lqer_enabled=False),  # scored without Hessians: round-to-nearest on GPTQ's grid
     "gptq": dict(quant="gptq", lqer_enabled=False),
     "gptq+lqer": dict(quant="gptq", lqer_enabled=True),
