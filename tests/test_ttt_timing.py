@@ -68,7 +68,7 @@ def test_projection_scales_scoring_by_tokens_and_adds_sgd_seconds():
     assert float(p["seconds"]) == pytest.approx(engine.score_bill + engine.sgd_bill, abs=0.01)
     assert float(p["docs_per_s"]) == pytest.approx(len(LENGTHS) / (engine.score_bill + engine.sgd_bill), abs=0.005)
     assert float(p["projected_50k_docs_s"]) == pytest.approx(want, abs=0.1)
-    assert res.projection.projected_s == pytest.approx(want, rel=1e-12)
+    assert res.projection.projected_s == pytest.approx(want, rel=1e-9)  # clock differences round
     assert p["full_tokens_from"] == "per_doc" and p["world_size"] == "1" and p["budget_s"] == "600"
     assert p["sgd_phases"] == "2/2"
 
