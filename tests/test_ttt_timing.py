@@ -106,3 +106,31 @@ def test_full_split_loaded_uses_its_own_token_count():
                     loaded_tokens=20_000, world_size=1)
     assert q.full_tokens == pytest.approx(1_000_000) and q.projected_s == pytest.approx(503.0)
     assert np.isclose(float(fields(q.line())["projected_50k_docs_s"]), 503.0)
+
+
+def test_bench_plan_counts_the_chunk_tensors_the_driver_builds():
+    """bench/ttt_gpu.py projects from the plan's chunk sizes: they must be the rows x width evaluate_ttt hands to
+    the engine (here counted by the bench's own TimedEngine around the unigram engine)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import ttt_gpu
+    cfg = cfg_for(phased_ttt_num_phases=0)
+    data = make_data(LENGTHS)
+    engine = ttt_gpu.TimedEngine(UnigramEngine(), 1e9)
+    ttt.evaluate_ttt(engine, data, cfg)
+    n_pred = ttt.find_docs(data.tokens, data.bos_id)[:, 1]
+    assert sorted(engine.positions) == sorted(ttt_gpu.plan_chunks(n_pred, cfg).tolist())
+    assert len(engine.batch_starts) == -(-len(LENGTHS) // cfg.ttt_batch_size)
+
+
+def test_bench_plan_counts_the_global_sgd_steps_the_driver_takes():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import ttt_gpu
+    engine, res, lines = run(1e-3, phased_ttt_num_phases=2, phased_ttt_prefix_docs=6)
+    n_pred = res.docs[:, 1]
+    taken = sum(int(fields(x)["sgd_steps"]) for x in lines if x.startswith("ttt_phase:"))
+    assert taken > 0 and ttt_gpu.plan_sgd_steps(n_pred, cfg_for(phased_ttt_num_phases=2,
+                                                                phased_ttt_prefix_docs=6)) == taken
