@@ -98,9 +98,10 @@ class TimedEngine:
 # ---- the model and the documents ----
 def random_record_artifact(env: dict, path: str) -> str:
     """PRESET (default record) at its init weights, written as a quick int8 + zstd-3 artifact (the throughput does
-    not depend on the weights or on the quantizer)."""
+    not depend on the weights or on the quantizer). ORTHO_INIT=0: the orthogonal init's QR of every matrix takes
+    minutes in numpy at the record's size; the normal init takes a second."""
     cfg = Hyperparameters.from_env(dict(env, PRESET=env.get("PRESET", "record")))
-    cfg = dataclasses.replace(cfg, quant="int8", compressor="zstd", lqer_enabled=False)
+    cfg = dataclasses.replace(cfg, quant="int8", compressor="zstd", lqer_enabled=False, ortho_init=False)
     atomic_write_bytes(path, artifact.encode_artifact(init_params(cfg), cfg, level=3))
     return path
 
@@ -154,7 +155,7 @@ def plan_sgd_steps(n_pred: np.ndarray, cfg: Hyperparameters) -> int:
     steps = 0
     for cut, bound in zip(ttt.phase_cuts(queue, bounds), bounds):
         size = int((n_pred[ttt.phase_docs(queue, cut, bound)] + 1).sum())
-        steps += (size - 1) // per * cfg.global_ttt_epochs
+        steps += max(0, size - 1) // per * cfg.global_ttt_epochs
     return steps
 
 
