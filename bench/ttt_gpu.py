@@ -261,6 +261,24 @@ def report(cfg: Hyperparameters, sc: Scoring, sgd_step_s: float, n_pred: np.ndar
         print(f"WARNING ttt_gpu_projection: over the {ttt.EVAL_BUDGET_S:.0f} s evaluation budget", flush=True)
 
 
+def scoring_within_memory(be, cfg: Hyperparameters, data: bpb.EvalData, args) -> tuple[Hyperparameters, Scoring]:
+    """measure_scoring; out of device memory, once more with half the documents per batch (printed: the 64-doc
+    batch of 2048-token windows keeps every layer's activations of 131,072 positions for the backward)."""
+    import torch
+    try:
+        return cfg, measure_scoring(be, cfg, data, args.max_seconds, args.warmup_chunks)
+    except torch.OutOfMemoryError as exc:
+        print(f"ttt_gpu_oom batch:{cfg.ttt_batch_size} {be.peak_memory_line()} ({str(exc).splitlines()[0]})",
+              flush=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cfg = dataclasses.replace(cfg, ttt_batch_size=cfg.ttt_batch_size // 2)
+    be.cfg = cfg
+    print(f"ttt_gpu retrying with TTT_BATCH_SIZE={cfg.ttt_batch_size} (the projection is then that plan's)",
+          flush=True)
+    return cfg, measure_scoring(be, cfg, data, args.max_seconds, args.warmup_chunks)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", nargs="?", help="an artifact; or --random-record")
@@ -303,7 +321,7 @@ def main() -> None:
           f"artifact_s:{built_s:.1f} docs:{len(docs)} tokens:{int(docs[:, 1].sum())} "
           f"rank:{cfg.ttt_lora_rank} chunk:{cfg.ttt_chunk_size} window:{cfg.ttt_eval_seq_len} "
           f"batch:{cfg.ttt_batch_size} streams:{cfg.ttt_streams} phases:{cfg.phased_ttt_num_phases}", flush=True)
-    sc = measure_scoring(be, cfg, data, args.max_seconds, args.warmup_chunks)
+    cfg, sc = scoring_within_memory(be, cfg, data, args)
     sgd_step_s = measure_sgd(be, cfg, data, args.sgd_steps)
     report(cfg, sc, sgd_step_s, *full_plan(data, args))
     if be.device.type == "cuda":
