@@ -54,7 +54,8 @@ class TorchTTT:
         self.scale = cfg.ttt_lora_alpha / cfg.ttt_lora_rank
         self.shapes = lora_shapes(cfg)
         self.momentum: dict[str, Tensor] = {}
-        self.token_nll = self._compiled(model) if self.device.type == "cuda" and cfg.ttt_compile else model.token_nll
+        self.compiled = self.device.type == "cuda" and cfg.ttt_compile
+        self.token_nll = self._compiled(model) if self.compiled else model.token_nll
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)  # frozen base: LoRA steps never build its gradients
@@ -93,7 +94,7 @@ class TorchTTT:
     # -- score, then update --
     def forward(self, lora: TorchLoRA, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
         xt, yt = (torch.from_numpy(t).to(self.device) for t in (x, y))
-        if self.token_nll is not self.model.token_nll:
+        if self.compiled:
             torch._dynamo.maybe_mark_dynamic(xt, 1)  # the width varies chunk to chunk: one graph for all
             torch._dynamo.maybe_mark_dynamic(yt, 1)
         with torch.enable_grad():

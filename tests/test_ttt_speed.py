@@ -73,4 +73,4 @@ def test_a_lerp_port_of_the_moment_is_caught():
 
 def test_ttt_compile_never_compiles_on_cpu():
     _, engine, _ = setup_engine(ttt_compile=True)
-    assert engine.token_nll == engine.model.token_nll
+    assert not engine.compiled and engine.token_nll == engine.model.token_nll
