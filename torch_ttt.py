@@ -62,11 +62,13 @@ class TorchTTT:
 
     @staticmethod
     def _compiled(model: GPT) -> Callable:
-        """TTT_COMPILE=1 (CUDA only): the LoRA forward compiled once, its backward by AOTAutograd. Rows are
-        TTT_BATCH_SIZE x width, width a multiple of TTT_CHUNK_SIZE up to TTT_EVAL_SEQ_LEN (up to 43 widths):
-        forward marks the width dynamic, so one graph serves them all instead of a recompile per width (dynamo
-        gives up after 8). Numerics: the same explicit dtypes as eager (the model's compute dtype, bf16 on CUDA);
-        inductor may fuse elementwise ops, so scores match eager to bf16 rounding, not bit for bit."""
+        """TTT_COMPILE=1 (CUDA only): the LoRA forward compiled, its backward by AOTAutograd. Rows are
+        TTT_BATCH_SIZE x width, width a multiple of TTT_CHUNK_SIZE up to TTT_EVAL_SEQ_LEN (up to 43 widths).
+        dynamic=None is dynamo's automatic dynamic shapes: the first width compiles static, the second recompiles
+        with the width symbolic, and that graph serves every later width (2 compiles, in the first batch; checked
+        on CPU with the aot_eager backend, whose scores were bit-identical to eager), instead of one per width
+        (dynamo gives up after 8). Numerics: the same explicit dtypes as eager (the model's compute dtype, bf16 on
+        CUDA); inductor may fuse elementwise ops, so scores match eager to bf16 rounding, not bit for bit."""
         return torch.compile(model.token_nll, dynamic=None)
 
     # -- adapters --
@@ -94,9 +96,6 @@ class TorchTTT:
     # -- score, then update --
     def forward(self, lora: TorchLoRA, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
         xt, yt = (torch.from_numpy(t).to(self.device) for t in (x, y))
-        if self.compiled:
-            torch._dynamo.maybe_mark_dynamic(xt, 1)  # the width varies chunk to chunk: one graph for all
-            torch._dynamo.maybe_mark_dynamic(yt, 1)
         with torch.enable_grad():
             nll = self.token_nll(xt, yt, None, self.apps(lora))  # (B, T) fp32: dense causal, one doc a row
             lora.loss = (nll * torch.from_numpy(weights).to(self.device)).sum()
