@@ -1,5 +1,10 @@
 """Score-first TTT in PyTorch: shared/ttt.py's Engine (mirrors mlx_ttt.py function for function).
 
+Dtypes as the trainer's (torch_model.py's "numerics, written out"): no autocast; the model's compute dtype (bf16 on
+CUDA, fp32 on CPU, COMPUTE_DTYPE) for every matmul, adapters included (A and B are fp32 leaves cast at use, their
+products returned in fp32), the residual stream, norms, softcap and cross-entropy in fp32; Adam moments and the
+step in fp32. TTT_COMPILE=1 compiles the forward on CUDA.
+
 Adapters (RECORD_STACK.md §7.2) are fp32 leaves, one slot per document of a batch, handed to GPT.logits as
 LoRAApp lists; the base weights stay frozen except in global_step (phased SGD). forward builds the graph and
 returns the detached NLL; update takes the gradient of that forward's loss and steps, so nothing changes a weight
@@ -49,9 +54,22 @@ class TorchTTT:
         self.scale = cfg.ttt_lora_alpha / cfg.ttt_lora_rank
         self.shapes = lora_shapes(cfg)
         self.momentum: dict[str, Tensor] = {}
+        self.compiled = self.device.type == "cuda" and cfg.ttt_compile
+        self.token_nll = self._compiled(model) if self.compiled else model.token_nll
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)  # frozen base: LoRA steps never build its gradients
+
+    @staticmethod
+    def _compiled(model: GPT) -> Callable:
+        """TTT_COMPILE=1 (CUDA only): the LoRA forward compiled, its backward by AOTAutograd. Rows are
+        TTT_BATCH_SIZE x width, width a multiple of TTT_CHUNK_SIZE up to TTT_EVAL_SEQ_LEN (up to 43 widths).
+        dynamic=None is dynamo's automatic dynamic shapes: the first width compiles static, the second recompiles
+        with the width symbolic, and that graph serves every later width (2 compiles, in the first batch; checked
+        on CPU with the aot_eager backend, whose scores were bit-identical to eager), instead of one per width
+        (dynamo gives up after 8). Numerics: the same explicit dtypes as eager (the model's compute dtype, bf16 on
+        CUDA); inductor may fuse elementwise ops, so scores match eager to bf16 rounding, not bit for bit."""
+        return torch.compile(model.token_nll, dynamic=None)
 
     # -- adapters --
     def new_lora(self, a_init: list[dict[str, np.ndarray]]) -> TorchLoRA:
@@ -79,27 +97,38 @@ class TorchTTT:
     def forward(self, lora: TorchLoRA, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
         xt, yt = (torch.from_numpy(t).to(self.device) for t in (x, y))
         with torch.enable_grad():
-            nll = self.model.token_nll(xt, yt, None, self.apps(lora))  # (B, T) fp32: dense causal, one doc a row
+            nll = self.token_nll(xt, yt, None, self.apps(lora))  # (B, T) fp32: dense causal, one doc a row
             lora.loss = (nll * torch.from_numpy(weights).to(self.device)).sum()
         return nll.detach().float().cpu().numpy()
 
     def update(self, lora: TorchLoRA) -> None:
-        """One AdamW step (decoupled wd, bias-corrected, eps 1e-10) on sum over docs of the chunk-mean loss."""
+        """One AdamW step (decoupled wd, bias-corrected, eps 1e-10) on sum over docs of the chunk-mean loss.
+        Every parameter in one foreach call per operation (one kernel per op for all tensors on CUDA instead of
+        ~100 launches per op): the same ops in the same order as the per-tensor formula p <- p (1 - lr wd);
+        m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2; p <- p - (lr/bc1) m / (sqrt(v)/sqrt(bc2) + eps),
+        so each element rounds as it did one tensor at a time (bit-identical on CPU: tests/test_ttt_speed.py)."""
         named = lora.params()
-        grads = torch.autograd.grad(lora.loss, [t for _, t in named], allow_unused=True)  # None: unused, zero
+        ps = [t for _, t in named]
+        grads = torch.autograd.grad(lora.loss, ps, allow_unused=True)  # None: unused, zero
         lora.loss, lora.step = None, lora.step + 1
         cfg, t = self.cfg, lora.step
         b1, b2, lr = cfg.ttt_beta1, cfg.ttt_beta2, cfg.ttt_lora_lr
         bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
         with torch.no_grad():
-            for (key, p), g in zip(named, grads):
-                g = torch.zeros_like(p) if g is None else g
-                m = lora.m.setdefault(key, torch.zeros_like(p))
-                v = lora.v.setdefault(key, torch.zeros_like(p))
-                p.mul_(1.0 - lr * cfg.ttt_weight_decay)
-                m.mul_(b1).add_(g, alpha=1.0 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                p.sub_((lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + ADAM_EPS))
+            gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, grads)]
+            ms = [lora.m.setdefault(key, torch.zeros_like(p)) for key, p in named]
+            vs = [lora.v.setdefault(key, torch.zeros_like(p)) for key, p in named]
+            torch._foreach_mul_(ps, 1.0 - lr * cfg.ttt_weight_decay)
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+            den = torch._foreach_sqrt(vs)
+            torch._foreach_div_(den, bc2 ** 0.5)
+            torch._foreach_add_(den, ADAM_EPS)
+            step = torch._foreach_mul(ms, lr / bc1)
+            torch._foreach_div_(step, den)
+            torch._foreach_sub_(ps, step)
 
     # -- phased global SGD on the base weights --
     def global_step(self, x: np.ndarray, y: np.ndarray, lr: float, first: bool) -> float:

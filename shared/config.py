@@ -156,6 +156,7 @@ class Hyperparameters:
     checkpoint_every: int = _f(0, "run")  # steps between full training-state checkpoints; 0 = off
     checkpoint_path: str = _f("", "run")  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
     torch_compile: bool = _f(True, "backend")  # CUDA only; never on CPU
+    ttt_compile: bool = _f(False, "backend")  # CUDA only: torch.compile TTT's LoRA forward (+ backward); torch_ttt.py
     mlx_max_microbatch_tokens: int = _f(8192, "backend")
     mlx_compile: bool = _f(True, "backend")
     mlx_ops: str = _f("auto", "backend")  # auto | fused | composed: see mlx_cpu_ops.select_ops

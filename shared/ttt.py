@@ -23,6 +23,8 @@ A trainer supplies an Engine (torch_ttt.py / mlx_ttt.py): adapters, forward, Ada
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -33,6 +35,8 @@ from shared.config import Hyperparameters
 from shared.spec import layer_plan
 
 ADAM_EPS = 1e-10  # the record's LoRA AdamW eps (§7.2), not a library default
+FULL_VAL_DOCS = 50_000  # documents of the FineWeb validation split the record scores (RECORD_STACK.md §1, §7.2)
+EVAL_BUDGET_S = 600.0  # the challenge's evaluation budget on 8xH100; TTT must fit in it
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # per layer application; plus "head" once
 
 
@@ -251,6 +255,96 @@ def _fail(docs: np.ndarray, bad: np.ndarray, event: int, what: str) -> None:
         raise TTTLegalityError(f"TTT legality check: doc {int(docs[np.argmax(bad)])}: {what} (event {event})")
 
 
+# ---- time: each phase's seconds, the throughput, the projected time of the full split ----
+@dataclass(frozen=True)
+class Projection:
+    """The full validation split's TTT seconds on this hardware, from this run's throughput (RECORD_STACK.md §7.2:
+    the record's TTT must fit in EVAL_BUDGET_S on 8xH100). Scoring time scales with predicted tokens, not
+    documents (their lengths vary 1000-fold); the global SGD phases' seconds are added as measured (their size is
+    PHASED_TTT_PREFIX_DOCS's, not the split's). full_tokens: the split's predictions when all FULL_VAL_DOCS
+    documents are loaded ("loaded"), else this run's tokens per document times FULL_VAL_DOCS ("per_doc")."""
+    docs: int  # documents scored, all ranks
+    tokens: int  # predictions scored, all ranks
+    seconds: float  # this rank's wall time of the whole TTT evaluation
+    score_seconds: float  # of which LoRA scoring (ranks score concurrently: docs / seconds is the machine's rate)
+    sgd_seconds: float  # of which global SGD
+    full_tokens: float
+    full_tokens_from: str
+    world_size: int
+    sgd_phases: str = "0/0"  # phases run / configured: fewer run than configured makes the projection low
+    budget_s: float = EVAL_BUDGET_S
+
+    @property
+    def projected_s(self) -> float:
+        return self.score_seconds * self.full_tokens / max(self.tokens, 1) + self.sgd_seconds
+
+    def line(self) -> str:
+        rate = max(self.seconds, 1e-9)
+        return (f"ttt_projection docs:{self.docs} tokens:{self.tokens} seconds:{self.seconds:.2f} "
+                f"score_seconds:{self.score_seconds:.2f} sgd_seconds:{self.sgd_seconds:.2f} "
+                f"docs_per_s:{self.docs / rate:.2f} tokens_per_s:{self.tokens / rate:.0f} "
+                f"full_docs:{FULL_VAL_DOCS} full_tokens:{self.full_tokens:.0f} "
+                f"full_tokens_from:{self.full_tokens_from} "
+                f"sgd_phases:{self.sgd_phases} projected_50k_docs_s:{self.projected_s:.1f} "
+                f"world_size:{self.world_size} budget_s:{self.budget_s:.0f}")
+
+    def warning(self) -> str | None:
+        if self.projected_s <= self.budget_s:
+            return None
+        return (f"WARNING ttt_projection: {self.projected_s:.0f} s projected for the {FULL_VAL_DOCS} validation "
+                f"documents on world_size {self.world_size} exceeds the {self.budget_s:.0f} s evaluation budget")
+
+
+def project(docs: int, tokens: int, score_s: float, sgd_s: float, seconds: float, loaded_docs: int,
+            loaded_tokens: int, world_size: int, sgd_phases: str = "0/0") -> Projection:
+    """Projection from a run's counts; loaded_*: the split in memory (all of it scored by the ranks together)."""
+    if loaded_docs >= FULL_VAL_DOCS:
+        full, source = float(loaded_tokens) * FULL_VAL_DOCS / loaded_docs, "loaded"
+    else:
+        full, source = float(tokens) / max(docs, 1) * FULL_VAL_DOCS, "per_doc"
+    return Projection(docs, tokens, seconds, score_s, sgd_s, full, source, world_size, sgd_phases)
+
+
+class PhaseTimer:
+    """Seconds of every scoring segment (between phase cuts) and every global SGD phase, logged as each ends."""
+
+    def __init__(self, clock: Callable[[], float], log: Callable[[str], None] | None):
+        self.clock, self.log = clock, log
+        self.start = clock()
+        self.score_s = self.sgd_s = 0.0
+
+    @contextmanager
+    def scoring(self, segment: int, segments: int, docs: int, tokens_col: np.ndarray):
+        t0, before = self.clock(), float(tokens_col.sum())
+        yield
+        dt = self.clock() - t0
+        self.score_s += dt
+        tokens = float(tokens_col.sum()) - before
+        if self.log is not None:
+            self.log(f"ttt_timing:score segment:{segment + 1}/{segments} seconds:{dt:.2f} docs:{docs} "
+                     f"tokens:{tokens:.0f} docs_per_s:{docs / max(dt, 1e-9):.2f} "
+                     f"tokens_per_s:{tokens / max(dt, 1e-9):.0f} (this rank)")
+
+    @contextmanager
+    def sgd(self, phase: int):
+        t0 = self.clock()
+        yield
+        dt = self.clock() - t0
+        self.sgd_s += dt
+        if self.log is not None:
+            self.log(f"ttt_timing:global_sgd phase:{phase + 1} seconds:{dt:.2f}")
+
+    def project(self, docs: int, tokens: int, loaded_docs: int, loaded_tokens: int, world_size: int,
+                phases_run: int, phases: int) -> Projection:
+        proj = project(docs, tokens, self.score_s, self.sgd_s, self.clock() - self.start, loaded_docs,
+                       loaded_tokens, world_size, f"{phases_run}/{phases}")
+        if self.log is not None:
+            self.log(proj.line())
+            if proj.warning():
+                self.log(proj.warning())
+        return proj
+
+
 # ---- the driver ----
 class Engine(Protocol):
     """A framework's TTT side. forward must not change any weight; update applies the step it prepared."""
@@ -270,6 +364,7 @@ class TTTResult:
     docs: np.ndarray
     ledger: Ledger
     position_nll: np.ndarray  # (N-1,) float32 nats by target position, this rank's docs only (0 elsewhere)
+    projection: Projection | None = None  # the full split's projected time (evaluate_ttt's last log lines)
 
 
 @dataclass
@@ -323,8 +418,10 @@ def run_stream_items(engine: Engine, loras: dict, run: _Run, queue: list[Batch],
 
 
 def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int = 0, world_size: int = 1,
-                 log: Callable[[str], None] | None = None) -> TTTResult:
-    """The whole TTT score: LoRA TTT over the queue, global SGD at each phase cut, the legality check, the BPB."""
+                 log: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> TTTResult:
+    """The whole TTT score: LoRA TTT over the queue, global SGD at each phase cut, the legality check, the BPB.
+    Each phase is timed with `clock` (seconds) and logged; the last lines project the full split's time."""
     docs = find_docs(data.tokens, data.bos_id)
     queue = batch_queue(docs, cfg.ttt_batch_size)
     run = _Run(cfg, data, docs, Ledger(len(docs)), np.zeros((len(docs), 3), np.float64),
@@ -332,14 +429,17 @@ def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int
     mine = rank_streams(cfg.ttt_streams, rank, world_size)
     boundaries = phase_boundaries(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases)
     cuts = phase_cuts(queue, boundaries)
+    timer = PhaseTimer(clock, log)
     loras: dict = {}
     lo = 0
     for gen, hi in enumerate(cuts + [len(queue)]):
         items = [(s, q) for s in mine for q in stream_items(len(queue), cfg.ttt_streams, s) if lo <= q < hi]
-        run_stream_items(engine, loras, run, queue, items, gen)
+        with timer.scoring(gen, len(cuts) + 1, sum(queue[q].docs.size for _, q in items), run.sums[:, 1]):
+            run_stream_items(engine, loras, run, queue, items, gen)
         if gen < len(cuts):
             run.ledger.sync(engine.reduce_sum(run.ledger.scored_counts().astype(np.float64)).astype(np.int64))
-            train_phase(engine, run, phase_docs(queue, hi, boundaries[gen]), log, gen)
+            with timer.sgd(gen):
+                train_phase(engine, run, phase_docs(queue, hi, boundaries[gen]), log, gen)
             loras.clear()  # a brand-new LoRA set after each phase (§7.2)
         if log is not None:
             log(f"ttt_progress:{hi}/{len(queue)} batches")
@@ -350,7 +450,9 @@ def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int
     run.ledger.check(chunks, own)
     sums = engine.reduce_sum(run.sums.copy())
     acc = BpbAccumulator(np.array([sums[:, 0].sum(), sums[:, 1].sum(), sums[:, 2].sum()], np.float64))
-    return TTTResult(acc, sums[:, 0], docs, run.ledger, run.position_nll)
+    proj = timer.project(len(docs), int(sums[:, 1].sum()), len(docs), int(docs[:, 1].sum()), world_size,
+                         len(cuts), len(boundaries))
+    return TTTResult(acc, sums[:, 0], docs, run.ledger, run.position_nll, proj)
 
 
 def train_phase(engine: Engine, run: _Run, doc_ids: np.ndarray, log, phase: int) -> None:
