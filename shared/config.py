@@ -43,6 +43,7 @@ EVAL_OVERRIDABLE = ("eval", "run", "backend")
 RESUME_CHANGEABLE = ("eval", "run", "backend", "export")
 QUANTS = ("int8", "gptq")  # shared/quant/: int8 = the official per-row int8; gptq = GPTQ + SDClip (+ LQER)
 COMPRESSORS = ("zstd", "lzma", "brotli", "entropy")  # shared/artifact.py; entropy = shared/quant/coding.py
+ARTIFACT_EXT = {"zstd": "zst", "lzma": "xz", "brotli": "br", "entropy": "ans"}  # the default artifact name's suffix
 GPTQ_SOLVERS = ("numpy", "torch", "auto")  # numpy = the reference; torch = torch_gptq.py; auto = torch on CUDA
 
 
@@ -152,7 +153,7 @@ class Hyperparameters:
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
     compute_dtype: str = _f("auto", "backend")  # auto: bf16 on CUDA/Metal, fp32 on CPU
-    artifact_path: str = _f("", "run")  # "" -> artifacts/{run_id}.int8.zst
+    artifact_path: str = _f("", "run")  # "" -> artifacts/{run_id}.{quant}.{zst|xz|br|ans}
     checkpoint_every: int = _f(0, "run")  # steps between full training-state checkpoints; 0 = off
     checkpoint_path: str = _f("", "run")  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
     torch_compile: bool = _f(True, "backend")  # CUDA only; never on CPU
@@ -324,7 +325,8 @@ class Hyperparameters:
                      f"but the {'looped' if looping else 'unlooped'} schedule is {encoder} | {decoder}")
 
     def resolved_artifact_path(self) -> str:
-        return self.artifact_path or f"artifacts/{self.run_id}.int8.zst"
+        """ARTIFACT_PATH, or artifacts/RUN_ID.QUANT.EXT named by what is inside (the default: RUN_ID.int8.zst)."""
+        return self.artifact_path or f"artifacts/{self.run_id}.{self.quant}.{ARTIFACT_EXT[self.compressor]}"
 
     def resolved_checkpoint_path(self, step: int = 0) -> str:
         """CHECKPOINT_PATH may hold {step} to keep one file per checkpoint instead of the latest only."""

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from shared.config import (ROLES, Hyperparameters, artifact_config_for_env, fields_with_role, near_misses,
-                           with_run_id)
+from shared.config import (ARTIFACT_EXT, COMPRESSORS, ROLES, Hyperparameters, artifact_config_for_env,
+                           fields_with_role, near_misses, with_run_id)
 from tests.conftest import ROOT
 
 TINY = Hyperparameters.from_env({"PRESET": "tiny"})
@@ -240,3 +240,13 @@ def test_record_presets_turn_every_feature_on(name):
              "loop_start", "loop_end", "parallel_start_layer"}
     assert {k: getattr(cfg, k) for k in RECORD_MODEL if k not in sizes} == \
         {k: v for k, v in RECORD_MODEL.items() if k not in sizes}
+
+
+def test_the_default_artifact_name_says_what_is_inside():
+    assert Hyperparameters.from_env({"RUN_ID": "r"}).resolved_artifact_path() == "artifacts/r.int8.zst"
+    record = Hyperparameters.from_env({"PRESET": "record", "RUN_ID": "r"})
+    assert record.resolved_artifact_path() == "artifacts/r.gptq.ans"
+    env = {"RUN_ID": "r", "QUANT": "gptq", "COMPRESSOR": "brotli"}
+    assert Hyperparameters.from_env(env).resolved_artifact_path() == "artifacts/r.gptq.br"
+    assert Hyperparameters.from_env(dict(env, ARTIFACT_PATH="x/y.bin")).resolved_artifact_path() == "x/y.bin"
+    assert set(ARTIFACT_EXT) == set(COMPRESSORS)  # every coder has a suffix
