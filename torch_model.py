@@ -152,6 +152,12 @@ def varlen_segments(segments: Tensor) -> VarlenSegments:
     return VarlenSegments(cu, segments.size(1))
 
 
+def expand_kv_heads(t: Tensor, heads: int, head_dim: int) -> Tensor:
+    """GQA written out: KV heads repeated so that query head h reads KV head h // G (G = heads / kv heads), the
+    pairing SDPA's enable_gqa uses; each KV head repeated in place, not the block tiled (h % Hkv)."""
+    return t.repeat_interleave(heads // t.size(head_dim), dim=head_dim)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc: Tensor | VarlenSegments | None) -> Tensor:
     """Causal GQA attention (B, H, T, D) x (B, Hkv, T, D) -> (B, H, T, D); query head h reads KV head h // G.
     doc (DOC_ISOLATED_ATTN): a block-causal mask or varlen boundaries keep each query inside its segment."""
@@ -162,9 +168,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, doc: Tensor | Varle
         return F.scaled_dot_product_attention(q, k, v, attn_mask=doc, scale=scale, enable_gqa=gqa)
     bsz, heads, seqlen, head_dim = q.shape
     packed = [t.transpose(1, 2).reshape(bsz * seqlen, t.size(1), head_dim) for t in (q, k, v)]  # (B*T, H, D)
-    if gqa and "enable_gqa" not in _VARLEN_KW:  # torch 2.11: query head h reads KV head h // G, expanded
-        group = heads // k.size(1)
-        packed[1:] = [t.repeat_interleave(group, dim=1) for t in packed[1:]]
+    if gqa and "enable_gqa" not in _VARLEN_KW:  # torch 2.11: no GQA in the kernel, so K/V heads are expanded
+        packed[1:] = [expand_kv_heads(t, heads, head_dim=1) for t in packed[1:]]
     gqa_kw = {"enable_gqa": gqa} if "enable_gqa" in _VARLEN_KW else {}
     y = varlen_attn(*packed, doc.cu_seqlens, doc.cu_seqlens, doc.max_seqlen, doc.max_seqlen, scale=scale,
                     window_size=(-1, 0), **gqa_kw)  # window (-1, 0): causal within each segment
