@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
 from shared.segments import segment_ids  # noqa: E402
-from shared.ttt import ADAM_EPS, lora_shapes  # noqa: E402
+from shared.ttt import ADAM_EPS, AInit, a_values, lora_shapes  # noqa: E402
 
 GRAD_CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
 
@@ -39,6 +39,15 @@ class MLXLoRA:
                 for w, t in (("a", self.a[j][k]), ("b", self.b[j][k]))]
 
 
+def a_array(init: AInit) -> mx.array:
+    """A as shared/ttt.py specifies it, hashed on MLX's default device in uint32 (products wrap): the same bits as
+    numpy's reference and torch's."""
+    index = mx.arange(init.size, dtype=mx.uint32)
+    a = a_values(index, init, lambda h: h.astype(mx.float32), True).reshape(init.shape)
+    mx.eval(a)
+    return a
+
+
 class MLXTTT:
     def __init__(self, model: GPT, cfg: Hyperparameters, bos_id: int):
         self.model, self.cfg, self.bos_id = model, cfg, bos_id
@@ -48,19 +57,19 @@ class MLXTTT:
         self._value_and_grad = mx.value_and_grad(self._loss)
 
     # -- adapters --
-    def new_lora(self, a_init: list[dict[str, np.ndarray]]) -> MLXLoRA:
-        a = [{k: mx.array(t) for k, t in app.items()} for app in a_init]
+    def new_lora(self, a_init: list[dict[str, AInit]]) -> MLXLoRA:
+        a = [{k: a_array(init) for k, init in app.items()} for app in a_init]
         b = [{k: mx.zeros((t.shape[0], self.shapes[j][k][1], t.shape[1])) for k, t in app.items()}
-             for j, app in enumerate(a_init)]
+             for j, app in enumerate(a)]
         return MLXLoRA(a, b)
 
-    def reset(self, lora: MLXLoRA, a_init: list[dict[str, np.ndarray]] | None) -> None:
+    def reset(self, lora: MLXLoRA, a_init: list[dict[str, AInit]] | None) -> None:
         """B <- 0 and the Adam state <- 0; A replaced only when given (TTT_WARM_START_A=0)."""
         for j, app in enumerate(lora.b):
             for k, t in app.items():
                 app[k] = mx.zeros(t.shape)
                 if a_init is not None:
-                    lora.a[j][k] = mx.array(a_init[j][k])
+                    lora.a[j][k] = a_array(a_init[j][k])
         lora.m.clear(), lora.v.clear()
         lora.step, lora.grads = 0, None
 

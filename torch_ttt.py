@@ -23,7 +23,7 @@ from torch import Tensor
 
 from shared.config import Hyperparameters
 from shared.segments import segment_ids
-from shared.ttt import ADAM_EPS, lora_shapes
+from shared.ttt import ADAM_EPS, AInit, a_numpy, a_values, lora_shapes
 from torch_model import GPT, LoRAApp
 
 GRAD_CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
@@ -72,20 +72,28 @@ class TorchTTT:
         return torch.compile(model.token_nll, dynamic=None)
 
     # -- adapters --
-    def new_lora(self, a_init: list[dict[str, np.ndarray]]) -> TorchLoRA:
-        a = [{k: torch.from_numpy(t).to(self.device).requires_grad_(True) for k, t in app.items()} for app in a_init]
+    def new_lora(self, a_init: list[dict[str, AInit]]) -> TorchLoRA:
+        a = [{k: self.a_tensor(init).requires_grad_(True) for k, init in app.items()} for app in a_init]
         b = [{k: torch.zeros(t.shape[0], self.shapes[j][k][1], t.shape[1], device=self.device, requires_grad=True)
-              for k, t in app.items()} for j, app in enumerate(a_init)]
+              for k, t in app.items()} for j, app in enumerate(a)]
         return TorchLoRA(a, b)
 
-    def reset(self, lora: TorchLoRA, a_init: list[dict[str, np.ndarray]] | None) -> None:
+    def a_tensor(self, init: AInit, on_device: bool | None = None) -> Tensor:
+        """A as shared/ttt.py specifies it, hashed where it lives: on an accelerator in int64 (torch's uint32 lacks
+        the ops), on the CPU numpy's uint32 reference (4x faster there). The same bits either way."""
+        if not (self.device.type != "cpu" if on_device is None else on_device):
+            return torch.from_numpy(a_numpy(init)).to(self.device)
+        index = torch.arange(init.size, dtype=torch.int64, device=self.device)
+        return a_values(index, init, lambda h: h.to(torch.float32), False).reshape(init.shape)
+
+    def reset(self, lora: TorchLoRA, a_init: list[dict[str, AInit]] | None) -> None:
         """B <- 0 and the Adam state <- 0; A replaced only when given (TTT_WARM_START_A=0)."""
         with torch.no_grad():
             for j, app in enumerate(lora.b):
                 for k, t in app.items():
                     t.zero_()
                     if a_init is not None:
-                        lora.a[j][k].copy_(torch.from_numpy(a_init[j][k]))
+                        lora.a[j][k].copy_(self.a_tensor(a_init[j][k]))
         lora.m.clear(), lora.v.clear()
         lora.step, lora.loss = 0, None
 

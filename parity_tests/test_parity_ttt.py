@@ -76,7 +76,7 @@ def test_zero_b_adapters_leave_logits_bit_identical():
     state = random_state(cfg, 1)
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, (3, 20))
     tm, mm = build_torch(cfg, state), mlx_model(cfg, state)
-    a_init = ttt.lora_a_init(cfg, 3, 0, 0)
+    a_init = ttt.lora_a_spec(cfg, 3, 0, 0)
     te, me = torch_ttt.TorchTTT(tm, cfg, BOS), mlx_ttt.MLXTTT(mm, cfg, BOS)
     import torch
     with torch.no_grad():

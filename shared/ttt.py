@@ -22,6 +22,7 @@ A trainer supplies an Engine (torch_ttt.py / mlx_ttt.py): adapters, forward, Ada
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from contextlib import contextmanager
@@ -143,15 +144,82 @@ def lora_shapes(cfg: Hyperparameters) -> list[dict[str, tuple[int, int]]]:
     return [dict(app) for _ in range(len(plan.encoder) + len(plan.decoder))] + [{"head": (dim, cfg.vocab_size)}]
 
 
-def lora_a_init(cfg: Hyperparameters, slots: int, stream: int, generation: int) -> list[dict[str, np.ndarray]]:
-    """A ~ U(+-1/sqrt(in)), (slots, r, in) fp32, drawn in numpy from (SEED, stream, generation): both frameworks
-    start from the same adapters, and a stream's draws do not depend on which rank runs it."""
-    rng = np.random.default_rng([cfg.seed, stream, generation])
+# ---- adapters' A: counter-based hashing, the same bits in numpy, torch and MLX on any device ----
+# A is drawn afresh for every (stream, generation): 225M values at the record's size. A host generator took 3.4 s a
+# draw (float64 PCG64, one core) plus the copy to the device, most of the one-GPU smoke run's TTT time. A hash of the
+# element's index is computed where the tensor lives (milliseconds on a GPU) and gives the same bits everywhere.
+M32 = 0xFFFF_FFFF
+HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)  # lowbias32 (Chris Wellons, "hash-prospector", public domain)
+UNIFORM_STEP = 2.0 ** -23  # 24 hashed bits -> [0, 2) on a grid exact in float32
+
+
+@dataclass(frozen=True)
+class AInit:
+    """One adapter's A: shape (slots, r, in); element e = hash(e, keys) -> U[-1, 1) on a 2^-23 grid, times scale."""
+    shape: tuple[int, int, int]
+    keys: tuple[int, int]  # 32-bit keys of this tensor
+    scale: float  # float32(1/sqrt(in)), held as the exact Python float
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def mix32(x, wrapping: bool):
+    """lowbias32 on an integer array of any framework holding uint32 values, updated in place where the framework
+    allows (x is consumed): x ^= x >> 16; x *= m1; x ^= x >> 15; x *= m2; x ^= x >> 15 (mod 2^32). wrapping: x is
+    uint32 (products wrap); else int64, and each product, below 2^63 because both multipliers are below 2^31, is
+    masked back to 32 bits."""
+    for shift, mult in zip((16, 15), HASH_MULTIPLIERS):
+        x ^= x >> shift
+        x *= mult
+        if not wrapping:
+            x &= M32
+    x ^= x >> 15
+    return x
+
+
+def a_values(index, init: AInit, to_float32: Callable, wrapping: bool):
+    """A's flat values from index = arange(init.size) of the framework's integer array (uint32 when wrapping, else
+    int64): two keyed rounds, the top 24 bits as u in [0, 2^24); (u * 2^-23 - 1) is exact in float32, * scale is
+    its one rounding (IEEE, the same in every framework)."""
+    h = mix32(index ^ init.keys[0], wrapping)
+    h ^= init.keys[1]
+    h = mix32(h, wrapping)
+    a = to_float32(h >> 8)
+    a *= UNIFORM_STEP
+    a -= 1.0
+    a *= init.scale
+    return a
+
+
+def lora_a_spec(cfg: Hyperparameters, slots: int, stream: int, generation: int) -> list[dict[str, AInit]]:
+    """A ~ U(+-1/sqrt(in)) for every adapter, (slots, r, in), keyed by (SEED, stream, generation, application,
+    target): both frameworks start from the same adapters, and a stream's draws do not depend on which rank runs it."""
+    if slots * cfg.ttt_lora_rank * cfg.model_dim >= 2 ** 32:
+        raise ValueError(f"TTT_BATCH_SIZE={slots} x TTT_LORA_RANK={cfg.ttt_lora_rank} x MODEL_DIM={cfg.model_dim} "
+                         "must be < 2^32: an adapter's elements are numbered by 32-bit counters")
     out = []
-    for app in lora_shapes(cfg):
-        out.append({k: rng.uniform(-1, 1, (slots, cfg.ttt_lora_rank, i)).astype(np.float32) / np.float32(math.sqrt(i))
-                    for k, (i, _) in app.items()})
+    for j, app in enumerate(lora_shapes(cfg)):
+        out.append({k: AInit((slots, cfg.ttt_lora_rank, i), _tensor_keys(cfg.seed, stream, generation, j, k),
+                             float(np.float32(1.0 / math.sqrt(i)))) for k, (i, _) in app.items()})
     return out
+
+
+def _tensor_keys(*parts) -> tuple[int, int]:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def a_numpy(init: AInit) -> np.ndarray:
+    """The reference values (uint32 arithmetic in numpy: 1.8 s for the record's 225M on one core)."""
+    index = np.arange(init.size, dtype=np.uint32)
+    return a_values(index, init, lambda h: h.astype(np.float32), True).reshape(init.shape)
+
+
+def lora_a_init(cfg: Hyperparameters, slots: int, stream: int, generation: int) -> list[dict[str, np.ndarray]]:
+    """lora_a_spec's tensors in numpy (tests, and engines on the CPU)."""
+    return [{k: a_numpy(init) for k, init in app.items()} for app in lora_a_spec(cfg, slots, stream, generation)]
 
 
 # ---- phases and global SGD ----
@@ -348,8 +416,8 @@ class PhaseTimer:
 # ---- the driver ----
 class Engine(Protocol):
     """A framework's TTT side. forward must not change any weight; update applies the step it prepared."""
-    def new_lora(self, a_init: list[dict[str, np.ndarray]]): ...  # adapters: given A, B = 0, Adam state 0
-    def reset(self, lora, a_init: list[dict[str, np.ndarray]] | None) -> None: ...  # B, moments, step <- 0; A if given
+    def new_lora(self, a_init: list[dict[str, AInit]]): ...  # adapters: A as specified, B = 0, Adam state 0
+    def reset(self, lora, a_init: list[dict[str, AInit]] | None) -> None: ...  # B, moments, step <- 0; A if given
     def forward(self, lora, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray: ...  # (B, T) nll
     def update(self, lora) -> None: ...  # one AdamW step on sum(weights * nll) of the last forward
     def global_step(self, x: np.ndarray, y: np.ndarray, lr: float,
@@ -410,9 +478,9 @@ def run_stream_items(engine: Engine, loras: dict, run: _Run, queue: list[Batch],
     for s, q in items:
         key = (s, generation)
         if key not in loras:
-            loras[key] = engine.new_lora(lora_a_init(cfg, cfg.ttt_batch_size, s, generation))
+            loras[key] = engine.new_lora(lora_a_spec(cfg, cfg.ttt_batch_size, s, generation))
         else:
-            fresh = None if cfg.ttt_warm_start_a else lora_a_init(cfg, cfg.ttt_batch_size, s, 1000 * generation + q)
+            fresh = None if cfg.ttt_warm_start_a else lora_a_spec(cfg, cfg.ttt_batch_size, s, 1000 * generation + q)
             engine.reset(loras[key], fresh)
         run_batch(engine, loras[key], run, queue[q])
 

@@ -38,7 +38,7 @@ class UnigramEngine:
         self.base = np.zeros(VOCAB)
 
     def new_lora(self, a_init):
-        return {"a": np.zeros((len(a_init[0]["q"]), VOCAB)), "b": None, "pending": None}
+        return {"a": np.zeros((a_init[0]["q"].shape[0], VOCAB)), "b": None, "pending": None}
 
     def reset(self, lora, a_init):
         lora["pending"] = None

@@ -47,7 +47,7 @@ def reference_update(cfg, lora: torch_ttt.TorchLoRA, lerp: bool = False) -> None
 
 
 def steps(cfg, engine, rows, update, n=3):
-    lora = engine.new_lora(ttt.lora_a_init(cfg, 2, 0, 0))
+    lora = engine.new_lora(ttt.lora_a_spec(cfg, 2, 0, 0))
     for _ in range(n):
         engine.forward(lora, *rows)
         update(lora)
