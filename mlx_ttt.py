@@ -56,6 +56,9 @@ class MLXTTT:
         self.momentum: dict[str, mx.array] = {}
         self._value_and_grad = mx.value_and_grad(self._loss)
 
+    def warm_up(self) -> float:
+        return 0.0  # nothing compiled: MLX builds its graphs per call
+
     # -- adapters --
     def new_lora(self, a_init: list[dict[str, AInit]]) -> MLXLoRA:
         a = [{k: a_array(init) for k, init in app.items()} for app in a_init]

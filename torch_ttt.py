@@ -14,6 +14,7 @@ before the driver has added the chunk's loss to the sums.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from shared.config import Hyperparameters
 from shared.segments import segment_ids
-from shared.ttt import ADAM_EPS, AInit, a_numpy, a_values, lora_shapes
+from shared.ttt import ADAM_EPS, AInit, a_numpy, a_values, lora_a_spec, lora_shapes, warmup_widths
 from torch_model import GPT, LoRAApp
 
 GRAD_CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
@@ -61,7 +62,7 @@ class TorchTTT:
             p.requires_grad_(False)  # frozen base: LoRA steps never build its gradients
 
     @staticmethod
-    def _compiled(model: GPT) -> Callable:
+    def _compiled(model: GPT, backend: str | Callable = "inductor") -> Callable:
         """TTT_COMPILE=1 (CUDA only): the LoRA forward compiled, its backward by AOTAutograd. Rows are
         TTT_BATCH_SIZE x width, width a multiple of TTT_CHUNK_SIZE up to TTT_EVAL_SEQ_LEN (up to 43 widths).
         dynamic=None is dynamo's automatic dynamic shapes: the first width compiles static, the second recompiles
@@ -69,7 +70,25 @@ class TorchTTT:
         on CPU with the aot_eager backend, whose scores were bit-identical to eager), instead of one per width
         (dynamo gives up after 8). Numerics: the same explicit dtypes as eager (the model's compute dtype, bf16 on
         CUDA); inductor may fuse elementwise ops, so scores match eager to bf16 rounding, not bit for bit."""
-        return torch.compile(model.token_nll, dynamic=None)
+        return torch.compile(model.token_nll, dynamic=None, backend=backend)
+
+    def warm_up(self) -> float:
+        """TTT_COMPILE=1: compile the forward and its backward before the timed evaluation (the record's timer also
+        leaves compile out, RECORD_STACK.md §7.2), on random ids, never validation tokens, and a throwaway adapter
+        set, at shared.ttt.warmup_widths: after them no width recompiles. Returns the seconds; 0 when eager."""
+        if not self.compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        slots, vocab = self.cfg.ttt_batch_size, self.cfg.vocab_size
+        lora = self.new_lora(lora_a_spec(self.cfg, slots, -1, -1))  # a stream no plan has
+        rng = np.random.default_rng(0)
+        for width in warmup_widths(self.cfg):
+            x, y = (rng.integers(0, vocab, (slots, width)) for _ in range(2))
+            self.forward(lora, x, y, np.full((slots, width), 1.0 / width, np.float32))
+            self.update(lora)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     # -- adapters --
     def new_lora(self, a_init: list[dict[str, AInit]]) -> TorchLoRA:

@@ -18,8 +18,9 @@ a + b * positions (positions: rows x width of the chunk's tensor; narrow chunks 
 compute-bound), then summed over every chunk of the 50,000-document plan (synthetic lengths, or the loaded split
 scaled per document) plus the SGD steps of PHASED_TTT_NUM_PHASES phases. The 8-GPU figure divides the one-GPU
 seconds by 8: perfect scaling across ranks (whole streams per rank; the all-reduces and the tail of the slowest
-rank are not modelled). Compile and warm-up chunks (--warmup-chunks) are left out of the fit, as the record's
-timer leaves compile out.
+rank are not modelled). TTT_COMPILE=1 compiles first on random ids (TorchTTT.warm_up, untimed, as in the
+trainer); warm-up chunks (--warmup-chunks) are left out of the fit as well, as the record's timer leaves compile
+out.
 """
 from __future__ import annotations
 
@@ -186,7 +187,11 @@ class Scoring:
 def measure_scoring(be, cfg: Hyperparameters, data: bpb.EvalData, max_seconds: float, warmup: int) -> Scoring:
     """LoRA TTT over whole batches (global phases off), in the driver's order, until done or past max_seconds."""
     cfg = dataclasses.replace(cfg, phased_ttt_num_phases=0)
-    engine = TimedEngine(be.ttt_engine(), max_seconds)
+    inner = be.ttt_engine()
+    warm = inner.warm_up()  # TTT_COMPILE=1: compiled before the clock starts, as the trainer does
+    if warm:
+        print(f"ttt_gpu_compile_warmup seconds:{warm:.1f} widths:{ttt.warmup_widths(cfg)}", flush=True)
+    engine = TimedEngine(inner, max_seconds)
     stopped = False
     try:
         ttt.evaluate_ttt(engine, data, cfg, log=print)

@@ -128,6 +128,19 @@ def chunk_rows(tokens: np.ndarray, docs: np.ndarray, doc_ids: np.ndarray, c: int
                      np.pad(trains, (0, slots - trains.size)))
 
 
+def chunk_widths(cfg: Hyperparameters) -> list[int]:
+    """Every row width chunk_rows can produce: multiples of the chunk below the window, and the window."""
+    chunk, seq = cfg.ttt_chunk_size, cfg.ttt_eval_seq_len
+    return list(range(chunk, seq, chunk)) + [seq]
+
+
+def warmup_widths(cfg: Hyperparameters) -> list[int]:
+    """Widths a compiled engine warms up on before the timed evaluation: the first two (dynamo compiles the first
+    static, the second with the width symbolic) and the widest (the largest activations)."""
+    widths = chunk_widths(cfg)
+    return sorted(set(widths[:2] + widths[-1:]))
+
+
 # ---- adapters ----
 def lora_shapes(cfg: Hyperparameters) -> list[dict[str, tuple[int, int]]]:
     """(in, out) of every adapter: one dict per layer application of the looped plan (looped passes get their own),
@@ -416,6 +429,7 @@ class PhaseTimer:
 # ---- the driver ----
 class Engine(Protocol):
     """A framework's TTT side. forward must not change any weight; update applies the step it prepared."""
+    def warm_up(self) -> float: ...  # compile (if it does) on synthetic ids before the timed evaluation; seconds
     def new_lora(self, a_init: list[dict[str, AInit]]): ...  # adapters: A as specified, B = 0, Adam state 0
     def reset(self, lora, a_init: list[dict[str, AInit]] | None) -> None: ...  # B, moments, step <- 0; A if given
     def forward(self, lora, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray: ...  # (B, T) nll

@@ -74,3 +74,80 @@ def test_a_lerp_port_of_the_moment_is_caught():
 def test_ttt_compile_never_compiles_on_cpu():
     _, engine, _ = setup_engine(ttt_compile=True)
     assert not engine.compiled and engine.token_nll == engine.model.token_nll
+
+
+def test_chunk_widths_are_every_width_chunk_rows_makes():
+    cfg = dataclasses.replace(preset("tiny_record"), ttt_chunk_size=12, ttt_eval_seq_len=40, ttt_batch_size=3)
+    rng = np.random.default_rng(1)
+    lens = rng.integers(1, 120, 30)
+    tokens = np.concatenate([np.concatenate([[BOS], rng.integers(2, 50, n)]) for n in lens]).astype(np.int64)
+    docs = ttt.find_docs(tokens, BOS)
+    seen = set()
+    for b in ttt.batch_queue(docs, cfg.ttt_batch_size):
+        for c in range(ttt.n_chunks(docs[b.docs, 1].max(), cfg.ttt_chunk_size)):
+            seen.add(ttt.chunk_rows(tokens, docs, b.docs, c, 12, 40, 3).x.shape[1])
+    assert seen <= set(ttt.chunk_widths(cfg)) and max(seen) == 40 and ttt.chunk_widths(cfg) == [12, 24, 36, 40]
+    assert ttt.warmup_widths(cfg) == [12, 24, 40]
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs dynamo hands it and runs them eagerly (CPU, seconds)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def compiled_engine(cfg, backend):
+    engine = torch_ttt.TorchTTT(build_model(cfg, "cpu", bos_id=BOS), cfg, BOS)
+    engine.compiled, engine.token_nll = True, torch_ttt.TorchTTT._compiled(engine.model, backend)
+    return engine
+
+
+def doc_data(cfg, n_docs=9, seed=2):
+    from shared.bpb import EvalData
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(3, 3 * cfg.ttt_eval_seq_len, n_docs)
+    tokens = np.concatenate([np.concatenate([[BOS], rng.integers(2, cfg.vocab_size, n)]) for n in lens])
+    return EvalData(tokens.astype(np.int64), np.zeros((0, 2), np.int64), np.full(tokens.size - 1, 2, np.int32), BOS)
+
+
+def test_compiled_warm_up_leaves_nothing_to_compile_and_changes_no_score():
+    """After warm_up, scoring documents of every width compiles no new graph; the base weights are untouched and the
+    scores equal the eager engine's (the counting backend runs dynamo's graphs eagerly, in the same order)."""
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(preset("tiny_record"), ttt_enabled=True, ttt_chunk_size=8, ttt_eval_seq_len=32,
+                              ttt_batch_size=3, phased_ttt_num_phases=0)
+    data = doc_data(cfg)
+    backend = CountingBackend()
+    engine = compiled_engine(cfg, backend)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    assert engine.warm_up() > 0
+    warmed = backend.graphs
+    compiled = ttt.evaluate_ttt(engine, data, cfg)
+    assert warmed >= 2 and backend.graphs == warmed, f"{backend.graphs - warmed} graphs compiled while scoring"
+    assert all(torch.equal(v, engine.model.state_dict()[k]) for k, v in before.items())
+    eager = ttt.evaluate_ttt(torch_ttt.TorchTTT(build_model(cfg, "cpu", bos_id=BOS), cfg, BOS), data, cfg)
+    assert np.allclose(compiled.doc_nll, eager.doc_nll, rtol=1e-6, atol=1e-6)
+
+
+def test_a_warm_up_on_one_width_is_caught(monkeypatch):
+    """The fault: warming up on the first width only; scoring then compiles again, and the count shows it."""
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(preset("tiny_record"), ttt_enabled=True, ttt_chunk_size=8, ttt_eval_seq_len=32,
+                              ttt_batch_size=3, phased_ttt_num_phases=0)
+    monkeypatch.setattr(torch_ttt, "warmup_widths", lambda c: [c.ttt_chunk_size])
+    backend = CountingBackend()
+    engine = compiled_engine(cfg, backend)
+    engine.warm_up()
+    warmed = backend.graphs
+    ttt.evaluate_ttt(engine, doc_data(cfg), cfg)
+    assert backend.graphs > warmed
+
+
+def test_eager_engines_do_not_warm_up():
+    _, engine, _ = setup_engine()
+    assert engine.warm_up() == 0.0
