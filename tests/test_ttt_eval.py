@@ -28,3 +28,25 @@ def test_eval_with_ttt_in_both_trainers(tiny_data, tmp_path):
         assert "ttt_phase:1" in out
         scores[trainer] = float(with_ttt[2])
     assert abs(scores["cuda_train.py"] - scores["mlx_train.py"]) < 2e-5, scores  # test_parity_ttt's tolerance
+
+
+TOKENS_LINE = re.compile(r"^val_tokens:\d+ val_bytes:\d+$", re.M)
+
+
+def test_ttt_under_torchrun_two_ranks_equals_one_process(tiny_data, tmp_path):
+    """Streams are whole units of work, so 2 gloo ranks score what 1 process scores: without a global phase the
+    same sums (the printed 8 digits and token/byte counts equal); with one, the phase's all-reduced gradient sums
+    the ranks' halves in another order, so the score agrees to rounding (1e-6 bpb: a few SGD steps of fp32
+    rounding on a tiny model; a rank that scores the wrong documents moves it by far more)."""
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=20)
+    run_script([str(ROOT / "cuda_train.py")], env, tmp_path)
+    for phases in ("0", "1"):
+        ttt_env = dict(env, **dict(TTT_ENV, PHASED_TTT_NUM_PHASES=phases))
+        args = [str(ROOT / "cuda_train.py"), "--eval", env["ARTIFACT_PATH"]]
+        one, two = (run_script(args, ttt_env, tmp_path, torchrun=n).stdout for n in (0, 2))
+        a, b = TTT_LINE.search(one), TTT_LINE.search(two)
+        assert a and b and TOKENS_LINE.findall(one) == TOKENS_LINE.findall(two) != [], (one[-1500:], two[-1500:])
+        if phases == "0":
+            assert a.groups() == b.groups()
+        else:
+            assert "ttt_phase:1" in two and abs(float(a[2]) - float(b[2])) <= 1e-6, (a.groups(), b.groups())
