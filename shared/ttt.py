@@ -26,6 +26,7 @@ import hashlib
 import math
 import time
 from contextlib import contextmanager
+from itertools import groupby
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -484,19 +485,23 @@ def run_batch(engine: Engine, lora, run: _Run, batch: Batch) -> None:
         score_then_update(engine, lora, run, rows, batch.docs, c)
 
 
-def run_stream_items(engine: Engine, loras: dict, run: _Run, queue: list[Batch], items: list[int],
+def run_stream_items(engine: Engine, run: _Run, queue: list[Batch], items: list[tuple[int, int]],
                      generation: int) -> None:
-    """A stream's batches in order. Between batches B and the Adam state reset; A is kept (TTT_WARM_START_A) or
-    drawn afresh. A stream's first batch after a phase gets a brand-new LoRA (generation)."""
+    """Each stream's batches in order (items: (stream, queue position), stream by stream). Between batches B and
+    the Adam state reset; A is kept (TTT_WARM_START_A) or drawn afresh. A stream's first batch of a segment (phases
+    cut segments) gets a brand-new LoRA, dropped after its last: one adapter set alive at a time (5.3 GB at the
+    record's size), not one per stream of the rank."""
     cfg = run.cfg
-    for s, q in items:
-        key = (s, generation)
-        if key not in loras:
-            loras[key] = engine.new_lora(lora_a_spec(cfg, cfg.ttt_batch_size, s, generation))
-        else:
-            fresh = None if cfg.ttt_warm_start_a else lora_a_spec(cfg, cfg.ttt_batch_size, s, 1000 * generation + q)
-            engine.reset(loras[key], fresh)
-        run_batch(engine, loras[key], run, queue[q])
+    for s, owned in groupby(items, key=lambda item: item[0]):
+        lora = None
+        for _, q in owned:
+            if lora is None:
+                lora = engine.new_lora(lora_a_spec(cfg, cfg.ttt_batch_size, s, generation))
+            else:
+                fresh = None if cfg.ttt_warm_start_a else lora_a_spec(cfg, cfg.ttt_batch_size, s,
+                                                                     1000 * generation + q)
+                engine.reset(lora, fresh)
+            run_batch(engine, lora, run, queue[q])
 
 
 def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int = 0, world_size: int = 1,
@@ -512,17 +517,15 @@ def evaluate_ttt(engine: Engine, data: EvalData, cfg: Hyperparameters, rank: int
     boundaries = phase_boundaries(cfg.phased_ttt_prefix_docs, cfg.phased_ttt_num_phases)
     cuts = phase_cuts(queue, boundaries)
     timer = PhaseTimer(clock, log)
-    loras: dict = {}
     lo = 0
     for gen, hi in enumerate(cuts + [len(queue)]):
         items = [(s, q) for s in mine for q in stream_items(len(queue), cfg.ttt_streams, s) if lo <= q < hi]
         with timer.scoring(gen, len(cuts) + 1, sum(queue[q].docs.size for _, q in items), run.sums[:, 1]):
-            run_stream_items(engine, loras, run, queue, items, gen)
+            run_stream_items(engine, run, queue, items, gen)
         if gen < len(cuts):
             run.ledger.sync(engine.reduce_sum(run.ledger.scored_counts().astype(np.float64)).astype(np.int64))
             with timer.sgd(gen):
                 train_phase(engine, run, phase_docs(queue, hi, boundaries[gen]), log, gen)
-            loras.clear()  # a brand-new LoRA set after each phase (§7.2)
         if log is not None:
             log(f"ttt_progress:{hi}/{len(queue)} batches")
         lo = hi

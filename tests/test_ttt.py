@@ -5,6 +5,8 @@ it adapts, so an update that came too early changes scores, and it runs in milli
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -192,6 +194,36 @@ def test_same_result_for_every_world_size():
             res = ttt.evaluate_ttt(UnigramEngine(), data, cfg, rank=r, world_size=world)
             parts.append(res.doc_nll)
         assert np.array_equal(np.sum(parts, axis=0), one)
+
+
+class _Lora(dict):
+    """A dict that a weak reference can follow."""
+
+
+class LiveCountingEngine(UnigramEngine):
+    """UnigramEngine that counts how many adapter sets are still referenced whenever a new one is made."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.most_alive = [], 0
+
+    def new_lora(self, a_init):
+        gc.collect()
+        self.most_alive = max(self.most_alive, 1 + sum(r() is not None for r in self.made))
+        lora = _Lora(super().new_lora(a_init))
+        self.made.append(weakref.ref(lora))
+        return lora
+
+
+def test_one_adapter_set_alive_at_a_time():
+    """A rank's streams run one after the other, so a stream's adapters are dropped after its last batch of a
+    segment (keeping every stream's set, as a dict of them would, holds TTT_STREAMS of them: 42 GB at the record's
+    size on one GPU). Each stream still starts every segment with a brand-new set."""
+    engine = LiveCountingEngine()
+    cfg = cfg_for(phased_ttt_num_phases=2, global_ttt_lr=0.5)
+    ttt.evaluate_ttt(engine, make_data(LENGTHS * 3), cfg)
+    assert engine.most_alive == 1
+    assert len(engine.made) > cfg.ttt_streams  # new sets after the phases too
 
 
 def test_phases_train_base_only_on_scored_docs_and_change_later_scores():
