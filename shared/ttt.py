@@ -489,7 +489,7 @@ def run_stream_items(engine: Engine, run: _Run, queue: list[Batch], items: list[
                      generation: int) -> None:
     """Each stream's batches in order (items: (stream, queue position), stream by stream). Between batches B and
     the Adam state reset; A is kept (TTT_WARM_START_A) or drawn afresh. A stream's first batch of a segment (phases
-    cut segments) gets a brand-new LoRA, dropped after its last: one adapter set alive at a time (5.3 GB at the
+    cut segments) gets a brand-new LoRA, dropped after its last: one adapter set alive at a time (4.98 GiB at the
     record's size), not one per stream of the rank."""
     cfg = run.cfg
     for s, owned in groupby(items, key=lambda item: item[0]):

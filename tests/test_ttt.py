@@ -217,7 +217,7 @@ class LiveCountingEngine(UnigramEngine):
 
 def test_one_adapter_set_alive_at_a_time():
     """A rank's streams run one after the other, so a stream's adapters are dropped after its last batch of a
-    segment (keeping every stream's set, as a dict of them would, holds TTT_STREAMS of them: 42 GB at the record's
+    segment (keeping every stream's set, as a dict of them would, holds TTT_STREAMS of them: 40 GiB at the record's
     size on one GPU). Each stream still starts every segment with a brand-new set."""
     engine = LiveCountingEngine()
     cfg = cfg_for(phased_ttt_num_phases=2, global_ttt_lr=0.5)
