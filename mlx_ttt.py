@@ -54,10 +54,14 @@ class MLXTTT:
         self.scale = cfg.ttt_lora_alpha / cfg.ttt_lora_rank
         self.shapes = lora_shapes(cfg)
         self.momentum: dict[str, mx.array] = {}
-        self._value_and_grad = mx.value_and_grad(self._loss)
+        self.compiled = cfg.mlx_compile
+        fn = mx.value_and_grad(self._loss)
+        # MLX_COMPILE: one graph per row width (at most TTT_EVAL_SEQ_LEN / TTT_CHUNK_SIZE + 1); inputs=model.state:
+        # the base weights are inputs, not constants of the first trace (global SGD changes them)
+        self._value_and_grad = mx.compile(fn, inputs=model.state) if self.compiled else fn
 
     def warm_up(self) -> float:
-        return 0.0  # nothing compiled: MLX builds its graphs per call
+        return 0.0  # MLX_COMPILE traces one graph per row width on first use: nothing to compile ahead
 
     # -- adapters --
     def new_lora(self, a_init: list[dict[str, AInit]]) -> MLXLoRA:
