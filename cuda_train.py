@@ -26,7 +26,8 @@ from shared.config import Hyperparameters
 from shared.segments import check_bos_features, require_bos, segment_ids
 from shared.spec import micro_batch_tokens
 from shared.quant.gptq import targets as gptq_targets
-from torch_model import build_model, collect_hessians, doc_attention_kernel, load_numpy_state, numpy_state, to_numpy
+from torch_model import (VarlenSegments, build_model, collect_hessians, doc_attention_kernel, host_varlen_segments,
+                         load_numpy_state, numpy_state, to_numpy)
 from torch_optim import Optimizers
 from torch_gptq import TorchSolver
 from torch_ttt import TorchTTT
@@ -131,7 +132,7 @@ class TorchBackend:
         self.opts.zero_grad()
         total = torch.zeros((), device=self.device)
         for x, y in micro_batches:
-            xt, yt = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (x, y))
+            xt, yt = self._upload(x), self._upload(y)
             loss = self.train_model(xt, yt, self._segments(x))
             (loss / len(micro_batches)).backward()  # accumulates locally; Optimizers.step averages over ranks
             total += loss.detach()
@@ -140,16 +141,25 @@ class TorchBackend:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return float(total.item()) / (len(micro_batches) * self.world_size)
 
-    def _segments(self, x: np.ndarray) -> torch.Tensor | None:
-        """DOC_ISOLATED_ATTN: segment ids of the rows x (shared/segments.py) on the device; None: dense causal."""
+    def _segments(self, x: np.ndarray) -> torch.Tensor | VarlenSegments | None:
+        """DOC_ISOLATED_ATTN: the varlen kernel's boundaries, built on the host, or segment ids of the rows x
+        (shared/segments.py) for the masked kernel; None: dense causal."""
         if not self.cfg.doc_isolated_attn:
             return None
+        if doc_attention_kernel(self.device, self.dtype).startswith("varlen"):
+            return host_varlen_segments(x, require_bos(self.bos_id), self.cfg.train_seq_len, self.device)
         ids = segment_ids(x, require_bos(self.bos_id), self.cfg.train_seq_len)
-        return torch.from_numpy(ids).to(self.device, non_blocking=True)
+        return self._upload(ids)
+
+    def _upload(self, a: np.ndarray) -> torch.Tensor:
+        """A host array on the device. On CUDA through pinned memory: a copy from pageable memory would first
+        wait for every kernel already queued (a host sync per micro-batch)."""
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def evaluate(self, data: bpb.EvalData, log=None) -> bpb.BpbAccumulator:
         def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # each window is a row: the row-start rule applies
-            xt, yt = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in (x, y))
+            xt, yt = self._upload(x), self._upload(y)
             with torch.inference_mode():
                 return self.model.token_nll(xt, yt, self._segments(x)).float().cpu().numpy()
 

@@ -304,11 +304,12 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: mx.array, segments: mx.array | None = None,
-               lora: list[LoRAApp] | None = None) -> mx.array:
-        """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
-        RoPE positions stay the index within the row either way (RECORD_STACK.md §4).
-        lora: TTT adapters, one LoRAApp per layer application of the plan (looped passes apart), then the head's."""
+    def raw_logits(self, input_ids: mx.array, segments: mx.array | None = None,
+                   lora: list[LoRAApp] | None = None) -> mx.array:
+        """The head's output before the softcap. segments: None = dense causal; (B, T) int32 ids
+        (shared/segments.py) = attend within a segment only. RoPE positions stay the index within the row either
+        way (RECORD_STACK.md §4). lora: TTT adapters, one LoRAApp per layer application of the plan (looped
+        passes apart), then the head's."""
         doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self._smear_gate_enabled:
@@ -334,9 +335,15 @@ class GPT(nn.Module):
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self._tie_embeddings else self.lm_head.weight
-        z = (x.astype(self._dtype) @ w.astype(self._dtype).T).astype(mx.float32)  # (B, T, V), softcap/loss in fp32
+        z = x.astype(self._dtype) @ w.astype(self._dtype).T  # (B, T, V) in the compute dtype
         if lora is not None:
-            z = lora[-1].add("head", z, x)  # before the softcap (§7.2)
+            z = lora[-1].add("head", z.astype(mx.float32), x)  # before the softcap (§7.2)
+        return z
+
+    def logits(self, input_ids: mx.array, segments: mx.array | None = None,
+               lora: list[LoRAApp] | None = None) -> mx.array:
+        """Softcapped logits (B, T, V), fp32: c * tanh(z / c) of the head's output (raw_logits)."""
+        z = self.raw_logits(input_ids, segments, lora).astype(mx.float32)  # softcap and loss in fp32
         return self._logit_softcap * self._ops.tanh(z / self._logit_softcap)
 
     def add_skip(self, x: mx.array, skip: mx.array, slot: int) -> mx.array:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.segments import CU_SEQLENS_BUCKET, cu_seqlens
+from shared.segments import CU_SEQLENS_BUCKET, cu_seqlens, segment_ids
 from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, fp16/bf16 only)
@@ -152,6 +152,15 @@ def varlen_segments(segments: Tensor) -> VarlenSegments:
     return VarlenSegments(cu, segments.size(1))
 
 
+def host_varlen_segments(x: np.ndarray, bos_id: int, max_len: int, device: torch.device) -> VarlenSegments:
+    """VarlenSegments of token rows x built on the host (shared/segments.py) and uploaded without a sync
+    (pinned, non-blocking): the step never waits for the device to hand segment ids back."""
+    cu = torch.from_numpy(cu_seqlens(segment_ids(x, bos_id, max_len), bucket=CU_SEQLENS_BUCKET))
+    cu = cu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cu.to(device)
+    torch._dynamo.mark_dynamic(cu, 0)  # as in varlen_segments: one graph for every bucket of documents
+    return VarlenSegments(cu, x.shape[1])
+
+
 def expand_kv_heads(t: Tensor, heads: int, head_dim: int) -> Tensor:
     """GQA written out: KV heads repeated so that query head h reads KV head h // G (G = heads / kv heads), the
     pairing SDPA's enable_gqa uses; each KV head repeated in place, not the block tiled (h % Hkv)."""
@@ -183,6 +192,39 @@ def gated_skip(x: Tensor, skip: Tensor, gate: Tensor) -> Tensor:
     return g * x + (1 - g) * skip
 
 
+TOKEN_SUM_SPLITS = 256  # token_sum's first stage: this many partial sums (a divisor of the token count)
+
+
+def token_sum(t: Tensor) -> Tensor:
+    """Sum over the leading (token) dim in two stages: partial sums over TOKEN_SUM_SPLITS slices, then their sum.
+    A gate weight's gradient has a few dozen outputs and ~10^5 tokens to reduce: as one reduction it runs on a
+    few thread blocks (7 ms a micro-batch on an H200 for the looped layers' gates); split, on all of them."""
+    n = t.size(0)
+    splits = math.gcd(n, TOKEN_SUM_SPLITS)
+    return t.reshape(splits, n // splits, *t.shape[1:]).sum(dim=1).sum(dim=0)
+
+
+class GateLogits(torch.autograd.Function):
+    """z[..., h] = sum_w x[..., w] * G[h, w] as an fp32 product-sum (not a matmul: CUDA runs fp32 matmuls in
+    TF32 here), the logits of the smear and sparse attention gates. The forward is the plain expression; the
+    backward is written out so that G's gradient, a reduction over every token, is token_sum's two stages.
+    x (..., W) fp32, G (H, W) fp32; returns (..., H) fp32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return (x[..., None, :] * weight).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        d_x = (grad[..., :, None] * weight).sum(dim=-2) if ctx.needs_input_grad[0] else None
+        d_w = None
+        if ctx.needs_input_grad[1]:  # frozen under TTT: skipped
+            d_w = token_sum((grad[..., :, None] * x[..., None, :]).reshape(-1, *weight.shape))
+        return d_x, d_w
+
+
 def smear(e: Tensor, ids: Tensor, weight: Tensor, lam: Tensor, bos_id: int | None) -> Tensor:
     """The record's SmearGate with its BOS fix (SMEAR_GATE_ENABLED, RECORD_STACK.md §3.1):
     e'_t = e_t + lambda * sigmoid(w . e_t[:W]) * 1[ids_t != BOS] * e_{t-1} for t >= 1, e'_0 = e_0.
@@ -193,7 +235,7 @@ def smear(e: Tensor, ids: Tensor, weight: Tensor, lam: Tensor, bos_id: int | Non
     if bos_id is None or bos_id < 0:
         raise ValueError("SMEAR_GATE_ENABLED=1 needs the tokenizer's BOS id; TOKENIZER_PATH's model has none")
     e = e.float()
-    g = lam * torch.sigmoid((e[..., :weight.size(-1)] * weight[0]).sum(dim=-1, keepdim=True))  # (B, T, 1)
+    g = lam * torch.sigmoid(GateLogits.apply(e[..., :weight.size(-1)], weight))  # (B, T, 1): w . e_t[:W]
     keep = (ids[:, 1:] != bos_id).float()[..., None]  # (B, T-1, 1): 0 where the current token is BOS
     return torch.cat((e[:, :1], e[:, 1:] + g[:, 1:] * keep * e[:, :-1]), dim=1)
 
@@ -203,7 +245,7 @@ def sparse_attn_gate(y: Tensor, n: Tensor, weight: Tensor, scale: float) -> Tens
 
     y (B, H, T, D) head outputs (after XSA); n (B, T, dim) the attention's input (normed, LN-scaled), of which the
     first W dims are read; weight G (H, W). fp32 product-sum, not a matmul (TF32 on CUDA). Returns fp32 (B, H, T, D)."""
-    z = (n.float()[:, :, None, :weight.size(-1)] * weight).sum(dim=-1)  # (B, T, H)
+    z = GateLogits.apply(n.float()[..., :weight.size(-1)], weight)  # (B, T, H): G_h . n[:W]
     g = torch.sigmoid(scale * z).transpose(1, 2)[..., None]  # (B, H, T, 1)
     return y.float() * g
 
@@ -216,6 +258,56 @@ def adapters(lora: list | None, j: int) -> dict:
 def merge_lanes(lane0: Tensor, lane1: Tensor) -> Tensor:
     """PARALLEL_START_LAYER: the two lanes end as their mean (the record's PARALLEL_FINAL_LANE=mean, §3.7)."""
     return 0.5 * (lane0 + lane1)
+
+
+def squared_act(pre: Tensor, slope: float) -> Tensor:
+    """leaky_relu2 (slope > 0) or relu2 (slope 0): max(pre, slope * pre)^2, in pre's dtype."""
+    return torch.where(pre > 0, pre, pre * slope).square()
+
+
+class FusedSquaredMLP(torch.autograd.Function):
+    """TORCH_FUSED_MLP: out = act(x W1^T)^2 W2^T keeping only the pre-activation for the backward (the autograd
+    of the reference keeps three (N, hidden) tensors) and recomputing the square there; the record's Triton
+    MLP does the same (RECORD_STACK.md §10, "fused LeakyReLU² MLP"). Inputs in the compute dtype. The gradient
+    through the activation is written out: d act(p)^2 / dp = 2p for p > 0, 2 slope^2 p otherwise."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> Tensor:
+        pre = F.linear(x, w1)  # (..., hidden)
+        ctx.save_for_backward(x, w1, w2, pre)
+        ctx.slope = slope
+        return F.linear(squared_act(pre, slope), w2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w1, w2, pre = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))
+        pre2 = pre.reshape(-1, pre.size(-1))
+        d_w2 = g2.mT @ squared_act(pre2, ctx.slope)  # (dim, hidden)
+        d_pre = (g2 @ w2) * (2.0 * torch.where(pre2 > 0, pre2, pre2 * (ctx.slope * ctx.slope)))
+        return (d_pre @ w1).reshape(x.shape), d_pre.mT @ x2, d_w2, None
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """TORCH_FUSED_CE: nll = logsumexp(s) - s[y] with s = c * tanh(z / c), in fp32 from z of any dtype, saving
+    only z and the log-sum-exp (N floats); the backward is one pass, (softmax(s) - onehot(y)) * (1 - tanh^2).
+    The record's training loss is a Triton kernel of the same math (RECORD_STACK.md §3.8). z (N, V), y (N,)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, y: Tensor, softcap: float) -> Tensor:
+        s = softcap * torch.tanh(z.float() / softcap)
+        lse = torch.logsumexp(s, dim=-1)
+        ctx.save_for_backward(z, y, lse)
+        ctx.softcap = softcap
+        return lse - s.gather(1, y[:, None])[:, 0]  # (N,) fp32
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, y, lse = ctx.saved_tensors
+        t = torch.tanh(z.float() / ctx.softcap)
+        onehot = torch.arange(z.size(-1), device=z.device)[None, :] == y[:, None]
+        p = torch.exp(ctx.softcap * t - lse[:, None]) - onehot.float()
+        return (grad[:, None] * p * (1.0 - t * t)).to(z.dtype), None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -263,13 +355,18 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str, leaky_slope: float, dtype: torch.dtype):
+    def __init__(self, dim: int, hidden: int, act: str, leaky_slope: float, dtype: torch.dtype, fused: bool = False):
         super().__init__()
         self.fc = CastedLinear(dim, hidden, dtype)
         self.proj = CastedLinear(hidden, dim, dtype)
         self.leaky_slope = leaky_slope if act == "leaky_relu2" else None
+        self.fused = fused  # TORCH_FUSED_MLP: training only; eval, Hessian hooks and TTT run the reference below
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and self.training:
+            dt = self.fc.dtype
+            return FusedSquaredMLP.apply(x.to(dt), self.fc.weight.to(dt), self.proj.weight.to(dt),
+                                         self.leaky_slope or 0.0)
         x = self.fc(x)
         if self.leaky_slope is None:
             x = torch.relu(x)
@@ -290,7 +387,7 @@ class Block(nn.Module):
         gate_window = cfg.gate_window if cfg.sparse_attn_gate_enabled else 0
         self.attn = CausalSelfAttention(dim, cfg.num_heads, cfg.num_kv_heads, cfg.rope_base, cfg.rope_dims,
                                         cfg.qk_gain_init, xsa, dtype, gate_window, cfg.sparse_attn_gate_scale)
-        self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype)
+        self.mlp = MLP(dim, mlp_hidden(cfg), cfg.mlp_act, cfg.mlp_leaky_slope, dtype, cfg.torch_fused_mlp)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -325,6 +422,7 @@ class GPT(nn.Module):
         super().__init__()
         self.bos_id = bos_id  # the tokenizer's BOS id (None/-1: unknown); read by BOS-aware features
         self.logit_softcap = cfg.logit_softcap
+        self.fused_ce = cfg.torch_fused_ce
         self.tie_embeddings = cfg.tie_embeddings
         self.dtype = dtype
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
@@ -348,11 +446,14 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, dtype)
 
-    def logits(self, input_ids: Tensor, segments: Tensor | None = None, lora: list[LoRAApp] | None = None) -> Tensor:
-        """segments: None = dense causal; (B, T) int32 ids (shared/segments.py) = attend within a segment only.
-        RoPE positions stay the index within the row either way (RECORD_STACK.md §4).
-        lora: TTT adapters, one LoRAApp per layer application of the plan (looped passes apart), then the head's."""
-        doc = None if segments is None else self.doc_attention(segments)
+    def raw_logits(self, input_ids: Tensor, segments: Tensor | VarlenSegments | None = None,
+                   lora: list[LoRAApp] | None = None) -> Tensor:
+        """The head's output before the softcap. segments: None = dense causal; (B, T) int32 ids
+        (shared/segments.py) = attend within a segment only; or VarlenSegments the caller built on the host
+        (host_varlen_segments: no device-to-host copy inside the step). RoPE positions stay the index within
+        the row either way (RECORD_STACK.md §4). lora: TTT adapters, one LoRAApp per layer application of the
+        plan (looped passes apart), then the head's."""
+        doc = segments if isinstance(segments, VarlenSegments) or segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self.smear_gate_enabled:
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
@@ -377,9 +478,15 @@ class GPT(nn.Module):
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
-        z = F.linear(x.to(self.dtype), w.to(self.dtype)).float()  # (B, T, V), softcap and loss in fp32
+        z = F.linear(x.to(self.dtype), w.to(self.dtype))  # (B, T, V) in the compute dtype
         if lora is not None:
-            z = lora[-1].add("head", z, x)  # before the softcap (§7.2)
+            z = lora[-1].add("head", z.float(), x)  # before the softcap (§7.2)
+        return z
+
+    def logits(self, input_ids: Tensor, segments: Tensor | VarlenSegments | None = None,
+               lora: list[LoRAApp] | None = None) -> Tensor:
+        """Softcapped logits (B, T, V), fp32: c * tanh(z / c) of the head's output (raw_logits)."""
+        z = self.raw_logits(input_ids, segments, lora).float()  # softcap and loss in fp32
         return self.logit_softcap * torch.tanh(z / self.logit_softcap)
 
     def add_skip(self, x: Tensor, skip: Tensor, slot: int) -> Tensor:
@@ -412,8 +519,13 @@ class GPT(nn.Module):
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.reshape(target_ids.shape)  # (B, T) nats, fp32
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor, segments: Tensor | None = None) -> Tensor:
-        return self.token_nll(input_ids, target_ids, segments).mean()
+    def forward(self, input_ids: Tensor, target_ids: Tensor, segments: Tensor | VarlenSegments | None = None) -> Tensor:
+        """Mean training loss. TORCH_FUSED_CE (training only): softcap and cross-entropy in one pass over the
+        head's output (SoftcapCrossEntropy), never materialising the fp32 softcapped logits."""
+        if not (self.fused_ce and self.training):
+            return self.token_nll(input_ids, target_ids, segments).mean()
+        z = self.raw_logits(input_ids, segments)
+        return SoftcapCrossEntropy.apply(z.reshape(-1, z.size(-1)), target_ids.reshape(-1), self.logit_softcap).mean()
 
 
 def build_model(cfg: Hyperparameters, device: torch.device | str = "cpu", state: dict[str, np.ndarray] | None = None,
@@ -468,11 +580,14 @@ def collect_hessians(model: GPT, batches: list[tuple[Tensor, Tensor | None]], ta
     head = "tok_emb.weight" if model.tie_embeddings else "lm_head.weight"
     if head in wanted:
         handles.append(model.final_norm.register_forward_hook(lambda _m, _args, out: add(head, out)))
+    was_training = model.training
+    model.eval()  # the reference MLP: TORCH_FUSED_MLP's training path never calls mlp.fc / mlp.proj
     try:
         with torch.inference_mode():
             for ids, segments in batches:
                 model.logits(ids, segments)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return {k: to_numpy(sums[k] / (divisor or len(batches))) for k in sorted(sums)}

@@ -40,6 +40,19 @@ def row_normalize(g: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True).clamp_min(ROW_NORM_EPS)
 
 
+def muon_direction(grad: Tensor, buf: Tensor, momentum: Tensor, steps: int, dtype: torch.dtype, ns: str,
+                   row_norm: bool) -> Tensor:
+    """One bucket's update direction: momentum buf <- mu*buf + g (in place), Nesterov g + mu*buf, MuonEq-R rows
+    (optional), orthogonalised, scaled by sqrt(max(1, rows/cols)). momentum is a 0-d tensor so that one compiled
+    graph serves the whole momentum warm-up (a float would be a constant: a recompile per value)."""
+    buf.mul_(momentum).add_(grad)
+    g = grad + momentum * buf  # Nesterov
+    if row_norm:
+        g = row_normalize(g)
+    g = zeropower_via_newtonschulz5(g, steps, dtype, ns)
+    return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+
+
 def _world_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -78,7 +91,8 @@ class Muon(torch.optim.Optimizer):
         self.where = {id(p): (k, i) for k, b in enumerate(self.buckets) for i, p in enumerate(b)}
         self.shard_grads: list[Tensor | None] = [None] * len(self.buckets)
         self.buffers: list[Tensor | None] = [None] * len(self.buckets)  # momentum of this rank's share per bucket
-        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
+        # on CUDA the whole direction (momentum, Nesterov, row norms, Newton-Schulz) is one compiled graph per shape
+        self.direction = torch.compile(muon_direction, dynamic=False) if compile_ns else muon_direction
 
     def share(self, k: int) -> tuple[int, int]:
         """[start, stop) of bucket k's (padded) positions this rank owns."""
@@ -122,8 +136,7 @@ class Muon(torch.optim.Optimizer):
                 update = full
             if group["weight_decay"] > 0:  # skipped at 0: the default step stays bit-identical
                 torch._foreach_mul_(bucket, 1.0 - group["lr"] * group["weight_decay"])
-            for i, p in enumerate(bucket):
-                p.add_(update[i].to(p.dtype), alpha=-group["lr"])
+            torch._foreach_add_(bucket, list(update[:len(bucket)].to(bucket[0].dtype).unbind(0)), alpha=-group["lr"])
             self.shard_grads[k] = None
 
     def momentum_of(self, p: Tensor) -> Tensor | None:
@@ -147,13 +160,9 @@ class Muon(torch.optim.Optimizer):
         return self.buffers[k]
 
     def _update(self, k: int, grad: Tensor, group: dict) -> Tensor:
-        buf = self.momentum_buffer(k, grad)
-        buf.mul_(group["momentum"]).add_(grad)
-        g = grad.add(buf, alpha=group["momentum"])  # Nesterov
-        if self.row_normalize:
-            g = row_normalize(g)
-        g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype, self.ns)
-        return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+        momentum = torch.full((), group["momentum"], dtype=torch.float32, device=grad.device)  # a fill, no copy
+        return self.direction(grad, self.momentum_buffer(k, grad), momentum, group["backend_steps"], self.ns_dtype,
+                              self.ns, self.row_normalize)
 
 
 class Optimizers:

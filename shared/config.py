@@ -157,6 +157,8 @@ class Hyperparameters:
     checkpoint_every: int = _f(0, "run")  # steps between full training-state checkpoints; 0 = off
     checkpoint_path: str = _f("", "run")  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
     torch_compile: bool = _f(True, "backend")  # CUDA only; never on CPU
+    torch_fused_ce: bool = _f(True, "backend")  # training loss: softcap + cross-entropy in one pass (torch_model.py)
+    torch_fused_mlp: bool = _f(True, "backend")  # training MLP keeps only its pre-activation (torch_model.py)
     ttt_compile: bool = _f(False, "backend")  # CUDA only: torch.compile TTT's LoRA forward (+ backward); torch_ttt.py
     mlx_max_microbatch_tokens: int = _f(8192, "backend")
     mlx_compile: bool = _f(True, "backend")
