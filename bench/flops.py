@@ -27,9 +27,9 @@ def layer_matmul_params(cfg: Hyperparameters) -> int:
     return 2 * d * d + 2 * kv * d + 2 * hidden * d  # q, o; k, v; MLP up, down
 
 
-def forward_flops_per_token(cfg: Hyperparameters, context: float) -> dict[str, float]:
-    """Multiply-adds count 2. `context`: mean keys per query."""
-    applications = sum(len(part) for part in layer_schedule(cfg, looping=True))
+def forward_flops_per_token(cfg: Hyperparameters, context: float, looping: bool = True) -> dict[str, float]:
+    """Multiply-adds count 2. `context`: mean keys per query; `looping`: NUM_LOOPS' extra applications on."""
+    applications = sum(len(part) for part in layer_schedule(cfg, looping=looping))
     return {"applications": applications,
             "matmul": 2.0 * applications * layer_matmul_params(cfg),
             "head": 2.0 * cfg.vocab_size * cfg.model_dim,
