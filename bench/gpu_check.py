@@ -115,6 +115,12 @@ def compile_states(be, st, cfg, states: tuple[bool, ...], warmup: int) -> float:
     return time.perf_counter() - t0
 
 
+def graph_breaks() -> int:
+    """Graph breaks dynamo met so far (each splits the compiled step and may hide a host sync)."""
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values())
+
+
 def flops_per_token(cfg: Hyperparameters, looping: bool, context: float) -> float:
     fwd = forward_flops_per_token(cfg, context, looping)
     return 3.0 * (fwd["matmul"] + fwd["head"] + fwd["attention"])
@@ -156,7 +162,7 @@ def train_stage(args) -> None:
     states = (False, True) if cfg.num_loops > 0 else (False,)
     states = states[-1:] if args.states == "looped" else states
     compile_s = compile_states(be, st, cfg, states, args.warmup)
-    say(f"gpu_check_compile seconds:{compile_s:.1f}", flush=True)
+    say(f"gpu_check_compile seconds:{compile_s:.1f} graph_breaks:{graph_breaks()}", flush=True)
     timed = {}
     for looping in states:  # each printed as soon as it is known
         timed[looping] = time_steps(be, st, cfg, looping, args.steps)

@@ -166,15 +166,15 @@ def test_fused_training_step_equals_the_reference(record_like):
         assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-5 * scale), f"{name}: max |diff| {err:.3g}"
 
 
-@pytest.mark.parametrize("fault", ["ce", "mlp"])
-def test_model_runs_the_fused_paths(record_like, monkeypatch, fault):
-    """A broken fused backward must change the model's gradients: training really goes through them."""
+@pytest.mark.parametrize("fault", ["ce", "mlp", "gate_logits", "gated_skip"])
+def test_model_runs_the_written_out_backwards(record_like, monkeypatch, fault):
+    """A broken hand-written backward must change the model's gradients: training really goes through it."""
     x, y = tiny_batch(record_like)
-    _, want = model_grads(record_like, False, x, y)
-    if fault == "ce":
-        monkeypatch.setattr(torch_model, "SoftcapCrossEntropy", NoSoftcapSlope)
-    else:
-        monkeypatch.setattr(torch_model, "FusedSquaredMLP", SlopeNotSquared)
+    _, want = model_grads(record_like, True, x, y)
+    monkeypatch.setattr(torch_model, *{"ce": ("SoftcapCrossEntropy", NoSoftcapSlope),
+                                       "mlp": ("FusedSquaredMLP", SlopeNotSquared),
+                                       "gate_logits": ("GateLogits", GateGradTransposed),
+                                       "gated_skip": ("GatedSkip", SkipGateWithoutSlope)}[fault])
     _, got = model_grads(record_like, True, x, y)
     worst = max(float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-3)) for k in want)
     assert worst > 1e-3, f"a broken fused {fault} left every gradient within {worst:.2g}"
@@ -268,3 +268,45 @@ def test_gate_logits_backward_matches_autograd(fault):
 def test_token_sum_is_a_sum_over_tokens(n):
     t = torch.randn(n, 3, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     assert torch.allclose(torch_model.token_sum(t), t.sum(dim=0), rtol=1e-12, atol=1e-12)
+
+
+GATED_SKIP = torch_model.GatedSkip  # the real one, also while a test has patched the module's name
+
+
+class SkipGateWithoutSlope(GATED_SKIP):
+    """Fault: the gate's gradient misses the sigmoid's slope g (1 - g)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, skip, weight, gate = ctx.saved_tensors
+        dx, dskip, dw, _ = GATED_SKIP.backward(ctx, grad)
+        d_gate = torch_model.token_sum((grad * (x - weight * skip)).reshape(-1, weight.size(0)))
+        return dx, dskip, dw, d_gate
+
+
+def skip_grads(fn, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(2, 24, 16, generator=g), torch.randn(2, 24, 16, generator=g),
+              1 + 0.3 * torch.randn(16, generator=g), torch.randn(16, generator=g)]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def reference_skip(x, skip, w, gate):
+    return torch_model.gated_skip(x, w[None, None, :] * skip, gate[None, None, :])
+
+
+@pytest.mark.parametrize("fault", [False, True], ids=["written_out", "no_sigmoid_slope_fault"])
+def test_gated_skip_backward_matches_autograd(fault):
+    want = skip_grads(reference_skip)
+    got = skip_grads((SkipGateWithoutSlope if fault else torch_model.GatedSkip).apply)
+    assert torch.equal(got[0], want[0])  # the forward is the reference expression itself
+    for name, a, b in zip(("out", "d x", "d skip", "d w"), got[:4], want[:4]):
+        close(name, a, b, torch.float32)
+    if fault:
+        with pytest.raises(AssertionError, match="d gate"):
+            close("d gate", got[4], want[4], torch.float32)
+    else:
+        close("d gate", got[4], want[4], torch.float32)
