@@ -56,7 +56,7 @@ def test_gptq_lowers_the_weighted_error_well_below_round_to_nearest():
     deq = lambda q: q.astype(np.float64) * s.astype(np.float64)[:, None]  # noqa: E731
     rtn = gptq.weighted_error(w, deq(gptq.gptq_quantize(w, None, s, 6)), hd)
     opt = gptq.weighted_error(w, deq(gptq.gptq_quantize(w, h, s, 6)), hd)
-    assert opt < 0.6 * rtn, (opt, rtn)  # measured ~0.2-0.4 on these correlated inputs
+    assert opt < 0.6 * rtn, (opt, rtn)  # measured 0.28 on these correlated inputs
 
 
 def test_dead_columns_are_zero_and_the_rest_still_optimal():

@@ -1,7 +1,11 @@
-"""On a small trained model: GPTQ int6 beats round-to-nearest int6 at the same bits, and LQER improves on GPTQ.
+"""LQER on a planted low-rank GPTQ error: it must recover a stated fraction of it, and only where it was planted.
 
-The model trains in-process (torch, CPU, fp32) on the demo data; Hessians come from the backend's own
-calibration on later training micro-batches; each quantized state is scored on unseen training tokens.
+The case is built, not trained, so its margin is known and does not move with the BLAS, numpy or the thread
+count: i.i.d. weights (std 0.02) in which one input column of each of two matrices is an outlier (every row
++-40 or +-35 row stds, a trained LM's massive-activation dim). SDClip clips that column at ~23 row stds and
+GPTQ spreads the clip over the other columns along one sign pattern, so its error is rank-1 (95% of the energy
+in the top singular direction) over int6 rounding noise; a third matrix has no outlier (1% there).
+The same figure on a 40-step trained model (a few percent, BLAS-dependent) is bench/lqer_trained.py.
 """
 from __future__ import annotations
 
@@ -10,93 +14,61 @@ import dataclasses
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+from shared.config import Hyperparameters
+from shared.quant import gptq
 
-import torch  # noqa: E402
-
-from conftest import tiny_env  # noqa: E402
-from shared.config import Hyperparameters  # noqa: E402
-from shared.data import TokenLoader, train_pattern  # noqa: E402
-from shared.manifest import BOS_ID  # noqa: E402
-from shared.quant import gptq  # noqa: E402
-from shared.spec import init_params, param_table  # noqa: E402
-
-import cuda_train  # noqa: E402
-import torch_model  # noqa: E402
-
-STEPS = 40
+ROWS, COLS = 256, 512  # 131,072 elements: above the 65,536 passthrough, so GPTQ quantizes them
+OUTLIER = {"blocks.0.mlp.fc.weight": 40.0, "blocks.1.mlp.fc.weight": 35.0, "blocks.2.mlp.fc.weight": None}
+OUTLIER_COL = 77
+CFG = dataclasses.replace(Hyperparameters(), quant="gptq", matrix_bits=6, mlp_clip_sigmas=10.0, lqer_rank=4,
+                          lqer_top_k=2, lqer_asym_group=64)
+# LQER must leave at most this share of GPTQ's H-weighted error (measured 0.12 and 0.18 here; without the
+# correction it is 1.0): the record's INT2 A factor (levels -2..1 at max|A| / 1.5) cannot hit a +-1 sign
+# pattern exactly, and the 5% of noise-like error stays.
+MAX_SHARE_LEFT = 0.4
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    env = tiny_env(tiny_data, tmp_path_factory.mktemp("lqer"), MODEL_DIM=128, MLP_MULT=4.5, MATRIX_BITS=6,
-                   MLP_CLIP_SIGMAS=11.5, ATTN_CLIP_SIGMAS=13.0, QUANT="gptq", LQER_RANK=4, LQER_TOP_K=2,
-                   LQER_ASYM_GROUP=64, MATRIX_LR=0.04, ITERATIONS=STEPS, WARMDOWN_ITERS=0)
-    cfg = Hyperparameters.from_env(env)
-    be = cuda_train.TorchBackend(cfg)
-    be.build(cfg, init_params(cfg), train=True, bos_id=BOS_ID)
-    loader = TokenLoader(train_pattern(cfg.data_path), 0, 1, cfg.vocab_size)
-    micro = lambda: loader.next_micro_batch(cfg.train_batch_tokens, cfg.train_seq_len)  # noqa: E731
-    for _ in range(STEPS):
-        be.train_step([micro() for _ in range(loader.grad_accum_steps)], 1.0, cfg.muon_momentum)
-    hessians = be.hessians(cfg, [micro() for _ in range(8)])
-    held_out = [micro() for _ in range(8)]
-    return cfg, be.weights(), hessians, held_out
+def planted():
+    rng = np.random.default_rng(0)
+    state = {}
+    for name, sds in OUTLIER.items():
+        w = rng.normal(scale=0.02, size=(ROWS, COLS))
+        if sds is not None:
+            w[:, OUTLIER_COL] = rng.choice([-1.0, 1.0], size=ROWS) * sds * 0.02
+        state[name] = w.astype(np.float32)
+    x = rng.normal(size=(4 * COLS, COLS))  # calibration inputs: H = X^T X / n, near the identity
+    hessians = {name: x.T @ x / len(x) for name in state}
+    return state, hessians
 
 
-def _loss(cfg, state, batches) -> float:
-    model = torch_model.build_model(cfg, "cpu", state, torch.float32, BOS_ID)
-    with torch.no_grad():
-        return float(np.mean([model(torch.from_numpy(x), torch.from_numpy(y)).item() for x, y in batches]))
-
-
-def _quantized(cfg, state, hessians, **knobs):
-    cfg = dataclasses.replace(cfg, **knobs)
-    stores = {p.name: p.store for p in param_table(cfg)}
-    tensors, index = gptq.quantize(state, stores, cfg, hessians)
+def _quantized(state, hessians, **knobs):
+    cfg = dataclasses.replace(CFG, **knobs)
+    tensors, index = gptq.quantize(state, {name: "weight" for name in state}, cfg, hessians)
     return gptq.dequantize(tensors, index), index
 
 
-def test_gptq_beats_round_to_nearest_at_the_same_bits(trained):
-    cfg, state, hessians, held_out = trained
-    assert sorted(hessians) == gptq.targets(cfg) == [f"blocks.{i}.mlp.{m}.weight" for i in range(2)
-                                                     for m in ("fc", "proj")]
-    rtn, _ = _quantized(cfg, state, None)
-    opt, _ = _quantized(cfg, state, hessians)
-    for name in hessians:  # GPTQ's own objective, per matrix: the calibration-weighted output error
-        e_rtn, e_opt = (gptq.weighted_error(state[name], s[name], hessians[name]) for s in (rtn, opt))
-        assert e_opt < 0.5 * e_rtn, (name, e_opt, e_rtn)
-    base, l_rtn, l_opt = (_loss(cfg, s, held_out) for s in (state, rtn, opt))
-    # the score: extra loss over the float model on unseen tokens (measured: RTN +0.009, GPTQ +0.00005 nats)
-    assert l_opt - base < 0.5 * (l_rtn - base), (base, l_rtn, l_opt)
+def test_the_planted_case_is_what_it_says(planted):
+    """GPTQ's error on an outlier matrix is > 90% rank 1 (measured 95%), on the plain one < 5% (measured 1.3%)."""
+    state, hessians = planted
+    opt, _ = _quantized(state, hessians)
+    for name, sds in OUTLIER.items():
+        sv = np.linalg.svd((state[name] - opt[name]).astype(np.float64), compute_uv=False)
+        share = sv[0] ** 2 / np.sum(sv ** 2)
+        assert (share > 0.9) if sds else (share < 0.05), (name, share)
 
 
-def _with_outlier_inputs(state, cfg):
-    """The trained weights plus two outlier input dims in each MLP up-projection (every row +-20 row stds, as a
-    trained LM's massive-activation dims): SDClip clips them, so GPTQ's error gains a low-rank part."""
-    rng = np.random.default_rng(0)
-    out = dict(state)
-    for i in range(cfg.num_layers):
-        name = f"blocks.{i}.mlp.fc.weight"
-        w = state[name].copy()
-        sd = w.std(axis=1, ddof=1)
-        for col in (5, 77):
-            w[:, col] = (rng.choice([-1.0, 1.0], size=w.shape[0]) * 20 * sd).astype(np.float32)
-        out[name] = w
-    return out
-
-
-def test_lqer_improves_on_gptq_where_the_error_has_low_rank_structure(trained):
-    """With the record's formats (plain SVD of E, INT2 A, INT4 B per 64) LQER pays only where the error has a
-    low-rank part: on these 40-step weights alone its error is noise-like and LQER raised the extra loss
-    (+0.00005 -> +0.0005 nats); with outlier input dims it lowers it (measured +0.00373 -> +0.00336)."""
-    cfg, state, hessians, held_out = trained
-    state = _with_outlier_inputs(state, cfg)
-    opt, _ = _quantized(cfg, state, hessians)
-    fixed, index = _quantized(cfg, state, hessians, lqer_enabled=True)
-    assert [n for n, e in index.items() if "lqer" in e] == [f"blocks.{i}.mlp.fc.weight" for i in range(2)]
-    base, l_opt, l_fix = (_loss(cfg, s, held_out) for s in (state, opt, fixed))
-    assert l_fix - base < 0.95 * (l_opt - base), (base, l_opt, l_fix)
+def test_lqer_recovers_a_planted_low_rank_error(planted):
+    state, hessians = planted
+    opt, _ = _quantized(state, hessians)
+    fixed, index = _quantized(state, hessians, lqer_enabled=True)
+    assert sorted(n for n, e in index.items() if "lqer" in e) == ["blocks.0.mlp.fc.weight", "blocks.1.mlp.fc.weight"]
+    for name, sds in OUTLIER.items():
+        e_opt, e_fix = (gptq.weighted_error(state[name], s[name], hessians[name]) for s in (opt, fixed))
+        if sds is None:  # not among the top_k: untouched, bit for bit
+            assert np.array_equal(opt[name], fixed[name]), name
+        else:
+            assert e_fix < MAX_SHARE_LEFT * e_opt, f"{name}: LQER left {e_fix / e_opt:.3f} of GPTQ's error"
 
 
 def test_lqer_factor_formats_by_hand():
