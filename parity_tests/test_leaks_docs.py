@@ -251,7 +251,9 @@ def test_isolated_training_steps_and_scores_agree(tiny_data, tmp_path, mlx_ops):
 
 
 # End to end: each trainer trains with isolation, the other scores its artifact the same.
-@pytest.mark.parametrize("trainer,scorer", [("mlx_train.py", "cuda_train.py"), ("cuda_train.py", "mlx_train.py")])
+# CI runs torch -> MLX here and MLX -> torch in test_parity.py; --all runs both directions of both
+@pytest.mark.parametrize("trainer,scorer", [pytest.param("mlx_train.py", "cuda_train.py", marks=pytest.mark.slow),
+                                            ("cuda_train.py", "mlx_train.py")])
 def test_isolated_artifacts_score_the_same_in_the_other_framework(tiny_data, tmp_path, trainer, scorer):
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=3, WARMUP_STEPS=1, DOC_ISOLATED_ATTN=1)
     run = run_script([str(ROOT / trainer)], env, tmp_path).stdout

@@ -239,7 +239,9 @@ def test_artifact_dequantizes_bit_identically_and_scores_the_same(tiny_data, tmp
 
 
 # 7. end to end through the command lines
-@pytest.mark.parametrize("trainer,scorer", [("mlx_train.py", "cuda_train.py"), ("cuda_train.py", "mlx_train.py")])
+# CI runs MLX -> torch here and torch -> MLX in test_leaks_docs.py; --all runs both directions of both
+@pytest.mark.parametrize("trainer,scorer", [("mlx_train.py", "cuda_train.py"),
+                                            pytest.param("cuda_train.py", "mlx_train.py", marks=pytest.mark.slow)])
 def test_command_lines_score_each_others_artifacts(tiny_data, tmp_path, trainer, scorer):
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=8)
     trained = parse_final(run_script([str(ROOT / trainer)], env, tmp_path).stdout)
@@ -248,6 +250,7 @@ def test_command_lines_score_each_others_artifacts(tiny_data, tmp_path, trainer,
 
 
 # 8. distributed
+@pytest.mark.slow  # CI keeps torchrun in tests/test_trainers.py's two-rank resume and test_parallel_muon.py
 def test_torchrun_eval_and_training_equal_one_process(tiny_data, tmp_path):
     one_env = tiny_env(tiny_data, tmp_path / "one", ITERATIONS=6)
     two_env = tiny_env(tiny_data, tmp_path / "two", ITERATIONS=6)

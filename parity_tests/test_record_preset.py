@@ -44,6 +44,7 @@ RECORD_OPTIMIZER = dict(MUON_NS="polar_express", MUON_ROW_NORMALIZE=1, MUON_WD=0
                         GRAD_CLIP_NORM=0.3, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR=0.1, EMA_DECAY=0.95)
 
 
+@pytest.mark.slow  # CI keeps the record preset's cross-framework run above (every feature on, 8 steps)
 def test_twenty_steps_with_every_optimizer_feature_agree_across_trainers_and_world_sizes(tiny_data, tmp_path):
     """MLX, torch in one process (8 accumulation slots) and torchrun with 2 ranks (4 each): the same losses step
     for step (logged at 4 decimals), the same weights, optimizer state and EMA at step 20 (checkpoints), the same

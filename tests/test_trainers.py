@@ -13,6 +13,9 @@ from shared.runlog import parse_final, parse_train_losses
 from shared.spec import count_params
 
 TRAINERS = ["cuda_train.py", "mlx_train.py"]
+# Error paths that the shared flow (shared/) raises for both trainers: ./scripts/test.sh --all runs them in
+# both, the default run in MLX only (the faster to start: ~1 s against torch's ~4 s a run).
+SHARED_FLOW_TRAINERS = [pytest.param("cuda_train.py", marks=pytest.mark.slow), "mlx_train.py"]
 
 
 @pytest.fixture(scope="module", params=TRAINERS)
@@ -28,7 +31,7 @@ def trained(request, tiny_data, tmp_path_factory):
 def test_loss_falls_and_final_lines_parse(trained):
     losses = parse_train_losses(trained["out"])
     assert sorted(losses) == list(range(1, 31))
-    assert losses[30] < losses[1] - 0.8, losses
+    assert losses[30] < losses[1] - 0.8, losses  # measured 5.937 -> 3.309 in both trainers, 1 or 2 threads
     assert 0 < parse_final(trained["out"])["val_bpb"] < 8
     assert "val_tokens:" in trained["out"] and "limit:16000000" in trained["out"]
     cfg = Hyperparameters.from_env(trained["env"])
@@ -75,7 +78,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, name):
     assert parse_final(full) == parse_final(resumed)
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_resume_rejects_a_different_model(tiny_data, tmp_path, name):
     trainer = _trainer(name)
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=2, CHECKPOINT_EVERY=2, CHECKPOINT_PATH=str(tmp_path / "c.ckpt"))
@@ -112,14 +115,14 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS)
 def test_bad_inputs_are_clear_errors(tiny_data, tmp_path, name, overrides, message):
     res = run_script([_trainer(name)], tiny_env(tiny_data, tmp_path, **overrides), tmp_path, check=False)
     assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_short_validation_split_is_a_clear_error(tiny_data, tmp_path, name):
     data = tmp_path / "short"
     data.mkdir()
@@ -155,7 +158,7 @@ def _no_training(res) -> bool:
     return not any(line.startswith(("step:", "warmup_step:")) for line in res.stdout.splitlines())
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_resume_past_the_last_step_stops_instead_of_training_forever(tiny_data, tmp_path, name):
     trainer, ck = _trainer(name), str(tmp_path / "c.ckpt")
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=6, CHECKPOINT_EVERY=6, CHECKPOINT_PATH=ck, WARMUP_STEPS=0)
@@ -164,7 +167,7 @@ def test_resume_past_the_last_step_stops_instead_of_training_forever(tiny_data, 
     assert "train_loss" not in res.stdout.split("resumed:")[1] and "final_roundtrip_exact" in res.stdout
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_weights_beyond_fp16_keep_the_previous_artifact_and_fail(tiny_data, tmp_path, name):
     """Embeddings pushed past 65,504 train on (RMSNorm hides them) but would be inf in the fp16 artifact."""
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=3, WARMUP_STEPS=0, TIED_EMBED_LR=1e6)
@@ -174,7 +177,7 @@ def test_weights_beyond_fp16_keep_the_previous_artifact_and_fail(tiny_data, tmp_
     assert Path(env["ARTIFACT_PATH"]).read_bytes() == b"previous artifact"
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_empty_train_split_is_an_error_not_a_hang(tiny_data, tmp_path, name):
     data = tmp_path / "empty"
     data.mkdir()
@@ -186,7 +189,7 @@ def test_empty_train_split_is_an_error_not_a_hang(tiny_data, tmp_path, name):
     assert res.returncode != 0 and "0 tokens" in res.stderr and _no_training(res), res.stderr[-1500:]
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_a_corrupt_later_train_shard_fails_at_start(tiny_data, tmp_path, name):
     data = tmp_path / "bad2"
     data.mkdir()
@@ -199,11 +202,11 @@ def test_a_corrupt_later_train_shard_fails_at_start(tiny_data, tmp_path, name):
     assert res.returncode != 0 and "fineweb_train_000001.bin" in res.stderr and _no_training(res), res.stderr[-1500:]
 
 
-OUTPUT_PATHS = [
+OUTPUT_PATHS = [  # the default run keeps one bad path per variable; --all runs all four
     ({"ARTIFACT_PATH": "{tmp}/file.txt/a.int8.zst"}, "ARTIFACT_PATH"),
-    ({"ARTIFACT_PATH": "{tmp}"}, "ARTIFACT_PATH"),
+    pytest.param({"ARTIFACT_PATH": "{tmp}"}, "ARTIFACT_PATH", marks=pytest.mark.slow),
     ({"CHECKPOINT_EVERY": "2", "CHECKPOINT_PATH": "{tmp}/x_{{steps}}.ckpt"}, "CHECKPOINT_PATH"),
-    ({"CHECKPOINT_EVERY": "2", "CHECKPOINT_PATH": "{tmp}"}, "CHECKPOINT_PATH"),
+    pytest.param({"CHECKPOINT_EVERY": "2", "CHECKPOINT_PATH": "{tmp}"}, "CHECKPOINT_PATH", marks=pytest.mark.slow),
 ]
 
 
@@ -215,11 +218,11 @@ def test_bad_output_paths_fail_before_training(tiny_data, tmp_path, overrides, v
     assert res.returncode != 0 and var in res.stderr and _no_training(res), res.stderr[-1500:]
 
 
-CONFIG_ERRORS = [
+CONFIG_ERRORS = [  # the default run keeps two (test_config.py checks every rule in-process); --all runs all five
     ({"MATRIX_LR": "-0.01"}, "MATRIX_LR"),
-    ({"ADAM_EPS": "0"}, "ADAM_EPS"),
-    ({"SEED": "-1"}, "SEED"),
-    ({"RUN_ID": ".hidden"}, "RUN_ID"),
+    pytest.param({"ADAM_EPS": "0"}, "ADAM_EPS", marks=pytest.mark.slow),
+    pytest.param({"SEED": "-1"}, "SEED", marks=pytest.mark.slow),
+    pytest.param({"RUN_ID": ".hidden"}, "RUN_ID", marks=pytest.mark.slow),
     ({"MODEL_DIM": "65536", "NUM_HEADS": "64", "NUM_KV_HEADS": "64", "NUM_LAYERS": "64"}, "GiB"),
 ]
 
@@ -243,7 +246,7 @@ def test_default_run_id_is_unique_and_log_header_records_what_ran(tiny_data, tmp
     assert "shared/loop.py=" in sources and "torch_model.py=" in sources and "git_commit:" in text
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", SHARED_FLOW_TRAINERS)
 def test_resume_accepts_another_spelling_of_the_data_path_and_primes(tiny_data, tmp_path, name):
     trainer, ck = _trainer(name), str(tmp_path / "c.ckpt")
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=4, CHECKPOINT_EVERY=2, CHECKPOINT_PATH=ck, WARMUP_STEPS=1)

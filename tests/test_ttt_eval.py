@@ -33,6 +33,7 @@ def test_eval_with_ttt_in_both_trainers(tiny_data, tmp_path):
 TOKENS_LINE = re.compile(r"^val_tokens:\d+ val_bytes:\d+$", re.M)
 
 
+@pytest.mark.slow  # CI keeps TTT across ranks in test_parity_ttt.py (two simulated ranks) and both trainers' --eval above
 def test_ttt_under_torchrun_two_ranks_equals_one_process(tiny_data, tmp_path):
     """Streams are whole units of work, so 2 gloo ranks score what 1 process scores: without a global phase the
     same sums (the printed 8 digits and token/byte counts equal); with one, the phase's all-reduced gradient sums
