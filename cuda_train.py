@@ -27,7 +27,7 @@ from shared.segments import check_bos_features, require_bos, segment_ids
 from shared.spec import micro_batch_tokens
 from shared.quant.gptq import targets as gptq_targets
 from torch_model import (VarlenSegments, build_model, collect_hessians, doc_attention_kernel, host_varlen_segments,
-                         load_numpy_state, numpy_state, to_numpy)
+                         load_numpy_state, numpy_state, to_numpy, upload)
 from torch_optim import Optimizers
 from torch_gptq import TorchSolver
 from torch_ttt import TorchTTT
@@ -132,7 +132,7 @@ class TorchBackend:
         self.opts.zero_grad()
         total = torch.zeros((), device=self.device)
         for x, y in micro_batches:
-            xt, yt = self._upload(x), self._upload(y)
+            xt, yt = upload(x, self.device), upload(y, self.device)
             loss = self.train_model(xt, yt, self._segments(x))
             (loss / len(micro_batches)).backward()  # accumulates locally; Optimizers.step averages over ranks
             total += loss.detach()
@@ -148,18 +148,11 @@ class TorchBackend:
             return None
         if doc_attention_kernel(self.device, self.dtype).startswith("varlen"):
             return host_varlen_segments(x, require_bos(self.bos_id), self.cfg.train_seq_len, self.device)
-        ids = segment_ids(x, require_bos(self.bos_id), self.cfg.train_seq_len)
-        return self._upload(ids)
-
-    def _upload(self, a: np.ndarray) -> torch.Tensor:
-        """A host array on the device. On CUDA through pinned memory: a copy from pageable memory would first
-        wait for every kernel already queued (a host sync per micro-batch)."""
-        t = torch.from_numpy(a)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return upload(segment_ids(x, require_bos(self.bos_id), self.cfg.train_seq_len), self.device)
 
     def evaluate(self, data: bpb.EvalData, log=None) -> bpb.BpbAccumulator:
         def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # each window is a row: the row-start rule applies
-            xt, yt = self._upload(x), self._upload(y)
+            xt, yt = upload(x, self.device), upload(y, self.device)
             with torch.inference_mode():
                 return self.model.token_nll(xt, yt, self._segments(x)).float().cpu().numpy()
 

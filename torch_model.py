@@ -152,11 +152,17 @@ def varlen_segments(segments: Tensor) -> VarlenSegments:
     return VarlenSegments(cu, segments.size(1))
 
 
+def upload(a: np.ndarray, device: torch.device) -> Tensor:
+    """A host array on the device. On CUDA through pinned memory, non-blocking: a copy from pageable memory
+    first waits for every kernel already queued (a host sync), so the host could not run ahead of the GPU."""
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def host_varlen_segments(x: np.ndarray, bos_id: int, max_len: int, device: torch.device) -> VarlenSegments:
-    """VarlenSegments of token rows x built on the host (shared/segments.py) and uploaded without a sync
-    (pinned, non-blocking): the step never waits for the device to hand segment ids back."""
-    cu = torch.from_numpy(cu_seqlens(segment_ids(x, bos_id, max_len), bucket=CU_SEQLENS_BUCKET))
-    cu = cu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cu.to(device)
+    """VarlenSegments of token rows x built on the host (shared/segments.py) and uploaded without a sync: the
+    step never waits for the device to hand segment ids back."""
+    cu = upload(cu_seqlens(segment_ids(x, bos_id, max_len), bucket=CU_SEQLENS_BUCKET), device)
     torch._dynamo.mark_dynamic(cu, 0)  # as in varlen_segments: one graph for every bucket of documents
     return VarlenSegments(cu, x.shape[1])
 

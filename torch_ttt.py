@@ -25,7 +25,7 @@ from torch import Tensor
 from shared.config import Hyperparameters
 from shared.segments import segment_ids
 from shared.ttt import ADAM_EPS, AInit, a_numpy, a_values, lora_a_spec, lora_shapes, warmup_widths
-from torch_model import GPT, LoRAApp
+from torch_model import GPT, LoRAApp, upload
 
 GRAD_CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
 
@@ -123,10 +123,10 @@ class TorchTTT:
 
     # -- score, then update --
     def forward(self, lora: TorchLoRA, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        xt, yt = (torch.from_numpy(t).to(self.device) for t in (x, y))
+        xt, yt, wt = (upload(t, self.device) for t in (x, y, weights))  # no wait for the last update's kernels
         with torch.enable_grad():
             nll = self.token_nll(xt, yt, None, self.apps(lora))  # (B, T) fp32: dense causal, one doc a row
-            lora.loss = (nll * torch.from_numpy(weights).to(self.device)).sum()
+            lora.loss = (nll * wt).sum()
         return nll.detach().float().cpu().numpy()
 
     def update(self, lora: TorchLoRA) -> None:

@@ -14,6 +14,9 @@
 #            50,000-document split on 8 GPUs
 #   verdict  every figure against the record's (bench/gpu_check.py verdict)
 # The preset's train shards are used when present; otherwise synthetic documents of the split's mean length.
+# Knobs: GPU_CHECK_STAGES (default "kernels train ttt"), GPU_CHECK_WARMUP / GPU_CHECK_STEPS (steps per looping
+# state), GPU_CHECK_LOOP_STATES=looped (one compile), GPU_CHECK_EXPORT=0, GPU_CHECK_TTT_DOCS / _SECONDS,
+# GPU_CHECK_*_SECONDS (stage limits), GPU_CHECK_WORK (scratch: shards, artifact), GPU_PEAK_TFLOPS (MFU's peak).
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-logs/gpu_check}
@@ -42,7 +45,7 @@ export GPU_CHECK_SYNTHETIC="$WORK/synthetic_data"
 
 STAGES=" ${GPU_CHECK_STAGES:-kernels train ttt} "  # a subset reruns part of the check
 want() { [[ $STAGES == *" $1 "* ]]; }
-want kernels && stage kernels "${GPU_CHECK_KERNELS_SECONDS:-90}" "$PY" bench/gpu_check.py kernels
+[ "$NGPU" -gt 0 ] && want kernels && stage kernels "${GPU_CHECK_KERNELS_SECONDS:-90}" "$PY" bench/gpu_check.py kernels
 TRAIN=(bench/gpu_check.py train --work "$WORK" --warmup "${GPU_CHECK_WARMUP:-2}" --steps "${GPU_CHECK_STEPS:-4}"
        --states "${GPU_CHECK_LOOP_STATES:-both}" --export "${GPU_CHECK_EXPORT:-1}")
 if ! want train; then
