@@ -18,7 +18,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from shared.config import Hyperparameters  # noqa: E402
+from shared.config import Hyperparameters, implementation  # noqa: E402
 from shared.segments import cu_seqlens  # noqa: E402
 from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights  # noqa: E402
 
@@ -216,20 +216,23 @@ class CausalSelfAttention(nn.Module):
         return out if lora is None else lora.add("o", out, x)  # the o adapter reads n, not W_o's input (§7.2)
 
 
+# MLP_ACT (shared/config.py's choices; torch_model.py has the same table): the activation of the pre-activation h,
+# given MLP_LEAKY_SLOPE. leaky_relu2 (RECORD_STACK.md §3.5): h for h > 0, slope * h otherwise, squared.
+MLP_ACTIVATIONS = {
+    "relu2": lambda h, slope: mx.square(nn.relu(h)),
+    "leaky_relu2": lambda h, slope: mx.square(mx.where(h > 0, h, slope * h)),
+}
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, leaky_slope: float, dtype: mx.Dtype):
         super().__init__()
         self.fc = CastedLinear(dim, hidden, dtype)
         self.proj = CastedLinear(hidden, dim, dtype)
-        self._leaky_slope = leaky_slope if act == "leaky_relu2" else None
+        self._act, self._slope = implementation(MLP_ACTIVATIONS, "mlp_act", act, "mlx_model"), leaky_slope
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.fc(x)
-        if self._leaky_slope is None:
-            x = nn.relu(x)
-        else:  # leaky_relu2 (RECORD_STACK.md §3.5): x for x > 0, slope * x otherwise
-            x = mx.where(x > 0, x, self._leaky_slope * x)
-        return self.proj(mx.square(x))  # relu^2 / leaky_relu^2
+        return self.proj(self._act(self.fc(x), self._slope))
 
 
 class Block(nn.Module):

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
 from shared.spec import (GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of,  # noqa: E402
-                         ns_coefficients)
+                         ns_coefficients, same_shape_buckets)
 
 
 def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype, ns: str = "quintic") -> mx.array:
@@ -58,7 +58,7 @@ class Muon:
         self.state: dict[str, dict[str, mx.array]] = {}
 
     def update(self, params: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
-        for bucket in same_shape_buckets(self.names, params):
+        for bucket in same_shape_buckets(self.names, lambda n: params[n].shape):
             grad = mx.stack([grads[n] for n in bucket])  # (N, rows, cols)
             buf = mx.stack([self.state_of(n, params[n])["momentum"] for n in bucket])
             buf = buf * self.momentum + grad
@@ -75,12 +75,6 @@ class Muon:
         return self.state.get(n) or {"momentum": mx.zeros_like(p)}
 
 
-def same_shape_buckets(names: list[str], params: dict[str, mx.array]) -> list[list[str]]:
-    """The matrices grouped by shape, buckets and members in first-appearance order (torch_optim's rule)."""
-    buckets: dict[tuple, list[str]] = {}
-    for n in names:
-        buckets.setdefault(tuple(params[n].shape), []).append(n)
-    return list(buckets.values())
 
 
 class Adam:

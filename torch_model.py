@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.config import Hyperparameters
+from shared.config import Hyperparameters, implementation
 from shared.segments import CU_SEQLENS_BUCKET, cu_seqlens, segment_ids
 from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights
 
@@ -383,25 +383,29 @@ class CausalSelfAttention(nn.Module):
         return out if lora is None else lora.add("o", out, x)  # the o adapter reads n, not W_o's input (§7.2)
 
 
+# MLP_ACT (shared/config.py's choices; mlx_model.py has the same table): the activation of the pre-activation h,
+# given MLP_LEAKY_SLOPE. leaky_relu2 (RECORD_STACK.md §3.5): h for h > 0, slope * h otherwise, squared.
+MLP_ACTIVATIONS = {
+    "relu2": lambda h, slope: torch.relu(h).square(),
+    "leaky_relu2": lambda h, slope: F.leaky_relu(h, negative_slope=slope).square(),
+}
+FUSED_MLP_SLOPES = {"relu2": lambda slope: 0.0, "leaky_relu2": lambda slope: slope}  # FusedSquaredMLP's family
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, leaky_slope: float, dtype: torch.dtype, fused: bool = False):
         super().__init__()
         self.fc = CastedLinear(dim, hidden, dtype)
         self.proj = CastedLinear(hidden, dim, dtype)
-        self.leaky_slope = leaky_slope if act == "leaky_relu2" else None
-        self.fused = fused  # TORCH_FUSED_MLP: training only; eval, Hessian hooks and TTT run the reference below
+        self.act, self.slope = implementation(MLP_ACTIVATIONS, "mlp_act", act, "torch_model"), leaky_slope
+        # TORCH_FUSED_MLP, training only (eval, Hessian hooks and TTT run the reference); None: the reference
+        self.fused_slope = FUSED_MLP_SLOPES[act](leaky_slope) if fused and act in FUSED_MLP_SLOPES else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and self.training:
+        if self.fused_slope is not None and self.training:
             dt = self.fc.dtype
-            return FusedSquaredMLP.apply(x.to(dt), self.fc.weight.to(dt), self.proj.weight.to(dt),
-                                         self.leaky_slope or 0.0)
-        x = self.fc(x)
-        if self.leaky_slope is None:
-            x = torch.relu(x)
-        else:  # leaky_relu2 (RECORD_STACK.md §3.5): x for x > 0, slope * x otherwise
-            x = F.leaky_relu(x, negative_slope=self.leaky_slope)
-        return self.proj(x.square())  # relu^2 / leaky_relu^2
+            return FusedSquaredMLP.apply(x.to(dt), self.fc.weight.to(dt), self.proj.weight.to(dt), self.fused_slope)
+        return self.proj(self.act(self.fc(x), self.slope))
 
 
 class Block(nn.Module):

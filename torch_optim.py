@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.spec import GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of, ns_coefficients
+from shared.spec import (GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of, ns_coefficients,
+                         same_shape_buckets)
 from torch_model import to_numpy
 
 
@@ -59,14 +60,6 @@ def _world_rank() -> tuple[int, int]:
     return 1, 0
 
 
-def same_shape_buckets(params: list[Tensor]) -> list[list[Tensor]]:
-    """The matrices grouped by shape, buckets and members in first-appearance order (the parameter table's)."""
-    buckets: dict[tuple, list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault(tuple(p.shape), []).append(p)
-    return list(buckets.values())
-
-
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised update scaled by sqrt(max(1, rows/cols)); decoupled weight decay
     W <- W*(1 - lr*weight_decay) - lr*update (RECORD_STACK.md §5.3) on every matrix.
@@ -87,7 +80,7 @@ class Muon(torch.optim.Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("Muon takes one parameter group (the 'matrix' group of shared/spec.py)")
         self.ns_dtype, self.ns, self.row_normalize = ns_dtype, ns, row_normalize
-        self.buckets = same_shape_buckets(self.param_groups[0]["params"])
+        self.buckets = same_shape_buckets(self.param_groups[0]["params"], lambda p: p.shape)
         self.where = {id(p): (k, i) for k, b in enumerate(self.buckets) for i, p in enumerate(b)}
         self.shard_grads: list[Tensor | None] = [None] * len(self.buckets)
         self.buffers: list[Tensor | None] = [None] * len(self.buckets)  # momentum of this rank's share per bucket

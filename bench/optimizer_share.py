@@ -22,11 +22,10 @@ from bench.train_speed import make_backend  # noqa: E402
 def unbatch(backend: str) -> None:
     """Buckets of one matrix each: the per-matrix Muon of before."""
     if backend == "mlx":
-        import mlx_optim
-        mlx_optim.same_shape_buckets = lambda names, params: [[n] for n in names]
+        import mlx_optim as optim
     else:
-        import torch_optim
-        torch_optim.same_shape_buckets = lambda params: [[p] for p in params]
+        import torch_optim as optim
+    optim.same_shape_buckets = lambda items, shape_of: [[item] for item in items]
 
 
 def timed_optimizer(be) -> list[float]:

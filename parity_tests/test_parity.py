@@ -14,9 +14,10 @@ import torch  # noqa: E402
 
 from conftest import ROOT, run_script, tiny_env  # noqa: E402
 from parity_tests import compare as C  # noqa: E402
+from parity_tests.variants import model_choice_variants, optimizer_variants, with_knobs  # noqa: E402
 from shared import bpb  # noqa: E402
 from shared.artifact import load_artifact, save_artifact  # noqa: E402
-from shared.config import Hyperparameters, fields_with_role  # noqa: E402
+from shared.config import Hyperparameters, choice_fields, fields_with_role  # noqa: E402
 from shared.spec import param_shapes  # noqa: E402
 from shared.runlog import parse_final, parse_train_losses  # noqa: E402
 
@@ -76,6 +77,7 @@ VARIANTS = {"tied_gqa": {}, "untied": {"tie_embeddings": False}, "mha": {"num_kv
                              "loop_start": 1, "loop_end": 2, "parallel_start_layer": 3, "smear_gate_enabled": True,
                              "sparse_attn_gate_enabled": True, "sparse_attn_gate_scale": 0.5,
                              "doc_isolated_attn": True}}
+VARIANTS.update(model_choice_variants())  # every value of every enumerated model knob (parity_tests/variants.py)
 RECORD_VARIANTS = ["partial_rope", "leaky_mlp", "frac_mlp", "ln_scale", "record_knobs", "xsa", "xsa_mha",
                    "skip_gates", "record_stack", "smear", "sparse_gate", "record_gates", "looped", "lanes",
                    "record_loops_lanes", "doc_isolated", "all_features"]
@@ -113,6 +115,9 @@ def test_every_model_field_has_a_parity_variant():
     values = {name: {getattr(cfg_for(v), name) for v in VARIANTS} for name in fields_with_role("model")}
     unexercised = sorted(name.upper() for name, seen in values.items() if len(seen) < 2)
     assert not unexercised, f"model knobs no parity variant changes: {unexercised}"
+    unseen = sorted(f"{name.upper()}={v}" for name, allowed in choice_fields("model").items() for v in allowed
+                    if v not in values[name])
+    assert not unseen, f"values of enumerated model knobs no parity variant runs: {unseen}"
 
 
 def check_forward(cfg: Hyperparameters, ops) -> None:
@@ -146,7 +151,7 @@ def check_backward(cfg: Hyperparameters, ops) -> None:
 
 # 3. backward
 @pytest.mark.parametrize("ops", MLX_OPS)
-@pytest.mark.parametrize("variant", ["tied_gqa", "untied", "odd_depth"] + RECORD_VARIANTS)
+@pytest.mark.parametrize("variant", ["tied_gqa", "untied", "odd_depth"] + RECORD_VARIANTS + list(model_choice_variants()))
 def test_gradients_agree(variant, ops):
     check_backward(cfg_for(variant), MLX_OPS[ops])
 
@@ -171,6 +176,14 @@ def test_muon_and_adam_steps_agree(variant, decay):
     cfg = dataclasses.replace(cfg_for(variant), grad_clip_norm=0.5, **decay)  # clipping on: random grads are large
     state = C.random_state(cfg, seed=4)
     check_optimizer_steps(cfg, state)
+
+
+@pytest.mark.parametrize("knob", optimizer_variants())
+@pytest.mark.parametrize("variant", ["tied_gqa", "untied"])
+def test_every_optimizer_knob_moves_both_twins_alike(variant, knob):
+    """Each knob an optimizer reads (config metadata), off its default: the two steps still agree."""
+    cfg = with_knobs(cfg_for(variant), optimizer_variants()[knob])
+    check_optimizer_steps(cfg, C.random_state(cfg, seed=4))
 
 
 def check_optimizer_steps(cfg: Hyperparameters, state: dict, lr_scale: float = 0.7) -> None:
@@ -313,13 +326,13 @@ def _adjacent_pair_rope(x, cos, sin):
 
 def _leaky_slope_squared(self, x):
     x = self.fc(x)
-    x = mx.where(x > 0, x, (self._leaky_slope ** 2) * x)
+    x = mx.where(x > 0, x, (self._slope ** 2) * x)
     return self.proj(mx.square(x))
 
 
 def _leaky_wrong_side(self, x):
     x = self.fc(x)
-    x = mx.where(x > 0, self._leaky_slope * x, x)
+    x = mx.where(x > 0, self._slope * x, x)
     return self.proj(mx.square(x))
 
 

@@ -45,11 +45,21 @@ QUANTS = ("int8", "gptq")  # shared/quant/: int8 = the official per-row int8; gp
 COMPRESSORS = ("zstd", "lzma", "brotli", "entropy")  # shared/artifact.py; entropy = shared/quant/coding.py
 ARTIFACT_EXT = {"zstd": "zst", "lzma": "xz", "brotli": "br", "entropy": "ans"}  # the default artifact name's suffix
 GPTQ_SOLVERS = ("numpy", "torch", "auto")  # numpy = the reference; torch = torch_gptq.py; auto = torch on CUDA
+MLX_OPS_KINDS = ("auto", "fused", "composed")  # mlx_cpu_ops.select_ops
 
 
-def _f(default: Any, role: str) -> Any:
+# What reads a "train" knob: every one says, so a new optimizer knob cannot escape the twins' generated parity
+# variants (parity_tests/variants.py), which move each knob an optimizer reads and compare the two steps.
+READERS = ("optimizer", "schedule", "init", "data", "ema")
+
+
+def _f(default: Any, role: str, choices: tuple | None = None, reads: str | None = None) -> Any:
+    """A field: its role; `choices`, the allowed values of an enumerated knob (checked at parse, each one a
+    registry entry where a framework implements it); `reads`, which part of training reads a train knob."""
     assert role in ROLES, role
-    return dataclasses.field(default=default, metadata={"role": role})
+    assert (reads is not None) == (role == "train") and reads in READERS + (None,), (role, reads)
+    meta = {"role": role} | ({"choices": choices} if choices else {}) | ({"reads": reads} if reads else {})
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -57,20 +67,20 @@ class Hyperparameters:
     data_path: str = _f("./data/datasets/fineweb10B_sp1024", "eval")  # resume compares content, not the string
     tokenizer_path: str = _f("./data/tokenizers/fineweb_1024_bpe.model", "eval")
     run_id: str = _f("", "run")  # "" -> a fresh unique id at start (logs and artifacts never merge)
-    seed: int = _f(1337, "train")
+    seed: int = _f(1337, "train", reads="init")
     val_batch_size: int = _f(524_288, "eval")
     val_loss_every: int = _f(1000, "run")
     train_log_every: int = _f(200, "run")
     iterations: int = _f(20_000, "run")
-    warmdown_iters: int = _f(1200, "train")
-    warmdown_frac: float = _f(0.0, "train")  # > 0: the record's fraction warmdown (§5.5) replaces WARMDOWN_ITERS
-    min_lr: float = _f(0.0, "train")  # floor of WARMDOWN_FRAC's multiplier (unused by WARMDOWN_ITERS)
+    warmdown_iters: int = _f(1200, "train", reads="schedule")
+    warmdown_frac: float = _f(0.0, "train", reads="schedule")  # > 0: the record's fraction warmdown (§5.5) replaces WARMDOWN_ITERS
+    min_lr: float = _f(0.0, "train", reads="schedule")  # floor of WARMDOWN_FRAC's multiplier (unused by WARMDOWN_ITERS)
     warmup_steps: int = _f(20, "run")  # priming steps, undone before training: no effect on the result
-    train_batch_tokens: int = _f(524_288, "train")
-    train_seq_len: int = _f(1024, "train")  # also the eval window (the official rule)
+    train_batch_tokens: int = _f(524_288, "train", reads="data")
+    train_seq_len: int = _f(1024, "train", reads="data")  # also the eval window (the official rule)
     max_wallclock_seconds: float = _f(600.0, "run")
     gptq_reserve_seconds: float = _f(0.0, "run")  # of the cap, kept for quantization reading training data
-    qk_gain_init: float = _f(1.5, "train")
+    qk_gain_init: float = _f(1.5, "train", reads="init")
     vocab_size: int = _f(1024, "model")
     num_layers: int = _f(9, "model")
     num_kv_heads: int = _f(4, "model")
@@ -80,39 +90,39 @@ class Hyperparameters:
     tie_embeddings: bool = _f(True, "model")
     rope_base: float = _f(10000.0, "model")
     logit_softcap: float = _f(30.0, "model")
-    embed_lr: float = _f(0.6, "train")
-    head_lr: float = _f(0.008, "train")
-    tied_embed_lr: float = _f(0.05, "train")
-    tied_embed_init_std: float = _f(0.005, "train")
-    matrix_lr: float = _f(0.04, "train")
-    scalar_lr: float = _f(0.04, "train")
-    muon_momentum: float = _f(0.95, "train")
-    muon_backend_steps: int = _f(5, "train")
-    muon_momentum_warmup_start: float = _f(0.85, "train")
-    muon_momentum_warmup_steps: int = _f(500, "train")
-    beta1: float = _f(0.9, "train")
-    beta2: float = _f(0.95, "train")
-    adam_eps: float = _f(1e-8, "train")
-    grad_clip_norm: float = _f(0.0, "train")
+    embed_lr: float = _f(0.6, "train", reads="optimizer")
+    head_lr: float = _f(0.008, "train", reads="optimizer")
+    tied_embed_lr: float = _f(0.05, "train", reads="optimizer")
+    tied_embed_init_std: float = _f(0.005, "train", reads="init")
+    matrix_lr: float = _f(0.04, "train", reads="optimizer")
+    scalar_lr: float = _f(0.04, "train", reads="optimizer")
+    muon_momentum: float = _f(0.95, "train", reads="optimizer")
+    muon_backend_steps: int = _f(5, "train", reads="optimizer")
+    muon_momentum_warmup_start: float = _f(0.85, "train", reads="schedule")
+    muon_momentum_warmup_steps: int = _f(500, "train", reads="schedule")
+    beta1: float = _f(0.9, "train", reads="optimizer")
+    beta2: float = _f(0.95, "train", reads="optimizer")
+    adam_eps: float = _f(1e-8, "train", reads="optimizer")
+    grad_clip_norm: float = _f(0.0, "train", reads="optimizer")
     # Decoupled weight decay (RECORD_STACK.md §5.3, §5.4): W <- W*(1 - lr*WD) before each step, lr the scheduled one.
-    muon_wd: float = _f(0.0, "train")  # the Muon (matrix) group
-    embed_wd: float = _f(0.0, "train")  # the token embedding (Adam "tok" group)
-    adam_wd: float = _f(0.0, "train")  # the Adam "scalar" group (an untied head gets no decay, as in the record's code)
+    muon_wd: float = _f(0.0, "train", reads="optimizer")  # the Muon (matrix) group
+    embed_wd: float = _f(0.0, "train", reads="optimizer")  # the token embedding (Adam "tok" group)
+    adam_wd: float = _f(0.0, "train", reads="optimizer")  # the Adam "scalar" group (an untied head gets no decay, as in the record's code)
     # Muon's orthogonalisation (RECORD_STACK.md §5.3): quintic = the baseline's fixed (3.4445, -4.7750, 2.0315)
     # Newton-Schulz; polar_express = the record's per-iteration tuples (shared/spec.py; past 5 steps the last repeats).
-    muon_ns: str = _f("quintic", "train")
-    muon_row_normalize: bool = _f(False, "train")  # MuonEq-R: each update row to unit L2 norm (fp32) before it
+    muon_ns: str = _f("quintic", "train", choices=MUON_NS_KINDS, reads="optimizer")
+    muon_row_normalize: bool = _f(False, "train", reads="optimizer")  # MuonEq-R: each update row to unit L2 norm (fp32) before it
     # EMA of the weights (RECORD_STACK.md §5.6): fp32 shadow, ema <- d*ema + (1-d)*w after every step; exported
     # and scored instead of the live weights. 0 = off.
-    ema_decay: float = _f(0.0, "train")
+    ema_decay: float = _f(0.0, "train", reads="ema")
     # Knobs of the record stack (RECORD_STACK.md §3); their defaults are the baseline's network.
-    mlp_act: str = _f("relu2", "model")  # relu2: relu(h)^2 | leaky_relu2: leaky_relu(h, MLP_LEAKY_SLOPE)^2
+    mlp_act: str = _f("relu2", "model", choices=MLP_ACTS)  # relu2: relu(h)^2 | leaky_relu2: leaky_relu(h, MLP_LEAKY_SLOPE)^2
     mlp_leaky_slope: float = _f(0.5, "model")  # read only by MLP_ACT=leaky_relu2
     rope_dims: int = _f(0, "model")  # RoPE on the first ROPE_DIMS dims of each head; 0 = all (head_dim)
     ln_scale: bool = _f(False, "model")  # block i scales its normed attn/MLP inputs by 1/sqrt(i+1)
     xsa_last_n: int = _f(0, "model")  # the last N layers remove from each head's output its own token's v direction
     skip_gates_enabled: bool = _f(False, "model")  # U-Net skips mixed by a sigmoid gate (lerp), not added
-    ortho_init: bool = _f(False, "train")  # q/k/v/MLP-up drawn orthogonal (the record) instead of nn.Linear-uniform
+    ortho_init: bool = _f(False, "train", reads="init")  # q/k/v/MLP-up drawn orthogonal (the record) instead of nn.Linear-uniform
     smear_gate_enabled: bool = _f(False, "model")  # e_t += lambda*sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1}, not at BOS
     gate_window: int = _f(12, "model")  # the first GATE_WINDOW input dims feed the smear and sparse attention gates
     sparse_attn_gate_enabled: bool = _f(False, "model")  # head h's output *= sigmoid(SCALE * G_h . n[:GATE_WINDOW])
@@ -121,7 +131,7 @@ class Hyperparameters:
     num_loops: int = _f(0, "model")  # 0 = off
     loop_start: int = _f(3, "model")  # first and last physical layer of the looped block (read when NUM_LOOPS > 0)
     loop_end: int = _f(5, "model")
-    enable_looping_at: float = _f(0.35, "train")  # training fraction (wallclock, else steps) where looping starts
+    enable_looping_at: float = _f(0.35, "train", reads="schedule")  # training fraction (wallclock, else steps) where looping starts
     parallel_start_layer: int = _f(0, "model")  # decoder layers >= this run as two residual lanes (§3.7); 0 = off
     doc_isolated_attn: bool = _f(False, "model")  # attention stays inside each document of a row (split at BOS)
     # Score-first TTT (RECORD_STACK.md §7.2; shared/ttt.py): the scored number when TTT_ENABLED. Defaults are the
@@ -152,7 +162,7 @@ class Hyperparameters:
     # Our additions (not in the official script).
     eval_stride: int = _f(0, "eval")  # 0: official non-overlapping windows; >0: sliding windows
     tokenizer_check: bool = _f(True, "eval")  # 0: score even if the tokenizer is not the dataset's (see manifest)
-    compute_dtype: str = _f("auto", "backend")  # auto: bf16 on CUDA/Metal, fp32 on CPU
+    compute_dtype: str = _f("auto", "backend", choices=COMPUTE_DTYPES)  # auto: bf16 on CUDA/Metal, fp32 on CPU
     artifact_path: str = _f("", "run")  # "" -> artifacts/{run_id}.{quant}.{zst|xz|br|ans}
     checkpoint_every: int = _f(0, "run")  # steps between full training-state checkpoints; 0 = off
     checkpoint_path: str = _f("", "run")  # "" -> checkpoints/{run_id}.ckpt; may contain {step}
@@ -165,11 +175,11 @@ class Hyperparameters:
     ttt_compile: bool = _f(False, "backend")  # CUDA only: torch.compile TTT's LoRA forward (+ backward); torch_ttt.py
     mlx_max_microbatch_tokens: int = _f(8192, "backend")
     mlx_compile: bool = _f(True, "backend")
-    mlx_ops: str = _f("auto", "backend")  # auto | fused | composed: see mlx_cpu_ops.select_ops
+    mlx_ops: str = _f("auto", "backend", choices=MLX_OPS_KINDS)  # auto | fused | composed: see mlx_cpu_ops.select_ops
     mlx_streams: int = _f(0, "backend")  # chunks computed concurrently; 0 = auto (1 on Metal, one per CPU core up to 4)
     # The artifact (RECORD_STACK.md §6; defaults: today's int8 + zstd-22; the others are the record's code defaults)
-    quant: str = _f("int8", "export")  # int8 | gptq (shared/quant/gptq.py)
-    compressor: str = _f("zstd", "export")  # zstd (22) | lzma (9) | brotli (11) | entropy (range coder + zstd)
+    quant: str = _f("int8", "export", choices=QUANTS)  # int8 | gptq (shared/quant/gptq.py)
+    compressor: str = _f("zstd", "export", choices=COMPRESSORS)  # zstd (22) | lzma (9) | brotli (11) | entropy (range coder + zstd)
     matrix_bits: int = _f(6, "export")  # GPTQ integer width of the block matrices (R = 2^(b-1) - 1)
     embed_bits: int = _f(8, "export")  # ... of tok_emb.weight (the record runs 7)
     matrix_clip_sigmas: float = _f(12.85, "export")  # SDClip k: row scale = k * std(row) / R
@@ -178,7 +188,7 @@ class Hyperparameters:
     embed_clip_sigmas: float = _f(20.0, "export")  # the record runs 14.0
     quant_passthrough_numel: int = _f(65_536, "export")  # gptq: matrices up to this size stay fp16 (record 65,536)
     gptq_calibration_batches: int = _f(16, "export")  # training micro-batches whose activations give H = sum x^T x
-    gptq_solver: str = _f("numpy", "export")  # numpy | torch (the trainer's device) | auto (torch on CUDA, else numpy)
+    gptq_solver: str = _f("numpy", "export", choices=GPTQ_SOLVERS)  # numpy | torch (the trainer's device) | auto (torch on CUDA, else numpy)
     lqer_enabled: bool = _f(False, "export")  # low-rank correction of the worst GPTQ tensors (§6.4)
     lqer_rank: int = _f(4, "export")
     lqer_top_k: int = _f(3, "export")  # tensors by ||W - W_hat||_F
@@ -218,6 +228,8 @@ class Hyperparameters:
         return self.model_dim // self.num_heads
 
     def validate(self) -> None:
+        for name, allowed in choice_fields().items():
+            _require(getattr(self, name) in allowed, name, f"must be one of {allowed}")
         for name in ("val_batch_size", "iterations", "train_batch_tokens", "train_seq_len", "vocab_size",
                      "num_layers", "num_kv_heads", "model_dim", "num_heads", "mlp_mult",
                      "muon_backend_steps", "mlx_max_microbatch_tokens"):
@@ -231,8 +243,6 @@ class Hyperparameters:
         _require(self.vocab_size <= 65536, "vocab_size", "must fit uint16 shards (<= 65536)")
         _require(self.model_dim % self.num_heads == 0, "model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
         _require(self.head_dim % 2 == 0, "model_dim", f"gives odd head dim {self.head_dim}; RoPE needs it even")
-        _require(self.mlp_act in MLP_ACTS, "mlp_act", f"must be one of {MLP_ACTS}")
-        _require(self.muon_ns in MUON_NS_KINDS, "muon_ns", f"must be one of {MUON_NS_KINDS}")
         _require(self.mlp_leaky_slope >= 0, "mlp_leaky_slope", "must be >= 0")
         _require(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, "rope_dims",
                  f"must be even and in [0, head dim {self.head_dim}] (0 = all)")
@@ -249,8 +259,6 @@ class Hyperparameters:
         _require(self.train_batch_tokens % slot == 0, "train_batch_tokens",
                  f"must be a multiple of {MICRO_BATCHES_PER_STEP}*TRAIN_SEQ_LEN={slot}")
         _require(self.eval_stride <= self.train_seq_len, "eval_stride", "must be <= TRAIN_SEQ_LEN")
-        _require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
-        _require(self.mlx_ops in ("auto", "fused", "composed"), "mlx_ops", "must be auto, fused or composed")
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         for name in ("embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr"):
@@ -269,9 +277,6 @@ class Hyperparameters:
                  f"{self.artifact_path!r} names a folder, not a file")
 
     def _validate_export(self) -> None:
-        _require(self.quant in QUANTS, "quant", f"must be one of {QUANTS}")
-        _require(self.compressor in COMPRESSORS, "compressor", f"must be one of {COMPRESSORS}")
-        _require(self.gptq_solver in GPTQ_SOLVERS, "gptq_solver", f"must be one of {GPTQ_SOLVERS}")
         for name in ("matrix_bits", "embed_bits"):
             _require(2 <= getattr(self, name) <= 8, name, "must be in [2, 8] (stored as int8)")
         for name in ("matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
@@ -341,6 +346,25 @@ class Hyperparameters:
 def fields_with_role(*roles: str) -> tuple[str, ...]:
     """Field names tagged with any of `roles` (the lists other modules used to write by hand)."""
     return tuple(f.name for f in fields(Hyperparameters) if f.metadata["role"] in roles)
+
+
+def choice_fields(*roles: str, cls: type = None) -> dict[str, tuple]:
+    """Enumerated knobs (of `roles`, default all) and their allowed values, from the fields' metadata."""
+    return {f.name: f.metadata["choices"] for f in fields(cls or Hyperparameters)
+            if "choices" in f.metadata and (not roles or f.metadata["role"] in roles)}
+
+
+def implementation(table: Mapping[str, Any], knob: str, value: str, where: str) -> Any:
+    """The registry entry of an enumerated knob's value (each framework keeps a name -> implementation table whose
+    keys the tests hold to the knob's choices); a value it lacks is one line naming the knob and the module."""
+    if value not in table:
+        raise ValueError(f"{knob.upper()}={value!r} has no implementation in {where} (it has {sorted(table)})")
+    return table[value]
+
+
+def fields_read_by(reader: str, cls: type = None) -> tuple[str, ...]:
+    """The train knobs that `reader` (one of READERS) reads."""
+    return tuple(f.name for f in fields(cls or Hyperparameters) if f.metadata.get("reads") == reader)
 
 
 def changed_fields(old: Hyperparameters, new: Hyperparameters, allowed_roles: tuple[str, ...]) -> list[str]:

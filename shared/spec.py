@@ -17,10 +17,11 @@ parameter names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from shared.config import MICRO_BATCHES_PER_STEP, MUON_NS_KINDS, Hyperparameters
+from shared.config import MICRO_BATCHES_PER_STEP, Hyperparameters, implementation
 
 # Optimizer groups (as the official baseline splits them) and the optimizer state each keeps.
 GROUP_OPTIMIZER = {"tok": "adam", "head": "adam", "scalar": "adam", "matrix": "muon"}
@@ -49,15 +50,27 @@ POLAR_EXPRESS_COEFFS = (
 ROW_NORM_EPS = 1e-7  # MuonEq-R: each row divided by max(||row||_2, ROW_NORM_EPS)
 
 
+# MUON_NS: steps -> the (a, b, c) of each iteration. Polar Express with fewer than its 5 steps runs the first
+# ones; with more it repeats the last tuple (the paper's reference code does the same).
+NS_KINDS = {
+    "quintic": lambda steps: (NS_COEFFS,) * steps,
+    "polar_express": lambda steps: (POLAR_EXPRESS_COEFFS[:steps]
+                                    + (POLAR_EXPRESS_COEFFS[-1],) * max(0, steps - len(POLAR_EXPRESS_COEFFS))),
+}
+
+
+def same_shape_buckets(items: list, shape_of: Callable[[Any], tuple]) -> list[list]:
+    """Items (matrices, or their names) grouped by shape, buckets and members in first-appearance order: the
+    batched and parallel Muon's buckets (RECORD_STACK.md §5.3), one rule for both twins."""
+    buckets: dict[tuple, list] = {}
+    for item in items:
+        buckets.setdefault(tuple(shape_of(item)), []).append(item)
+    return list(buckets.values())
+
+
 def ns_coefficients(kind: str, steps: int) -> tuple[tuple[float, float, float], ...]:
-    """The (a, b, c) of each of `steps` iterations (MUON_NS). Polar Express with fewer than its 5 steps runs the
-    first ones; with more it repeats the last tuple (the paper's reference code does the same)."""
-    if kind == "quintic":
-        return (NS_COEFFS,) * steps
-    if kind == "polar_express":
-        pe = POLAR_EXPRESS_COEFFS
-        return pe[:steps] + (pe[-1],) * max(0, steps - len(pe))
-    raise ValueError(f"MUON_NS={kind!r} must be one of {MUON_NS_KINDS}")
+    """The (a, b, c) of each of `steps` Newton-Schulz iterations of MUON_NS=kind (NS_KINDS)."""
+    return implementation(NS_KINDS, "muon_ns", kind, "shared/spec.py")(steps)
 
 
 @dataclass(frozen=True)
