@@ -15,8 +15,8 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters  # noqa: E402
-from shared.spec import (GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of,  # noqa: E402
-                         ns_coefficients, same_shape_buckets)
+from shared.spec import (NS_EPS, ROW_NORM_EPS, AdamSpec, MuonSpec, groups_of, ns_coefficients,  # noqa: E402
+                         optimizer_spec, same_shape_buckets)
 
 
 def zeropower_via_newtonschulz5(g: mx.array, steps: int, dtype: mx.Dtype, ns: str = "quintic") -> mx.array:
@@ -50,11 +50,10 @@ class Muon:
     Same-shape matrices are stacked and orthogonalised in one batched call (torch_optim.Muon's buckets, one
     process). Dtypes as torch_optim.Muon: momentum fp32, the iteration in ns_dtype, applied to the fp32 weights."""
 
-    def __init__(self, names: list[str], lr: float, backend_steps: int, ns_dtype: mx.Dtype, wd: float = 0.0,
-                 ns: str = "quintic", row_normalize: bool = False):
-        self.names, self.base_lr, self.lr, self.wd = names, lr, lr, wd
-        self.ns, self.row_normalize = ns, row_normalize
-        self.momentum, self.backend_steps, self.ns_dtype = 0.0, backend_steps, ns_dtype
+    def __init__(self, names: list[str], spec: MuonSpec, ns_dtype: mx.Dtype):
+        self.names, self.base_lr, self.lr, self.wd = names, spec.lr, spec.lr, spec.weight_decay
+        self.ns, self.row_normalize = spec.ns, spec.row_normalize
+        self.momentum, self.backend_steps, self.ns_dtype = spec.momentum, spec.backend_steps, ns_dtype
         self.state: dict[str, dict[str, mx.array]] = {}
 
     def update(self, params: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
@@ -81,9 +80,9 @@ class Adam:
     """torch.optim.Adam's update: m.lerp(g, 1-b1); v = b2 v + (1-b2) g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
     after AdamW's decoupled decay p *= 1 - lr*wd."""
 
-    def __init__(self, names: list[str], lr: float, beta1: float, beta2: float, eps: float, wd: float = 0.0):
-        self.names, self.base_lr, self.lr, self.wd = names, lr, lr, wd
-        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+    def __init__(self, names: list[str], spec: AdamSpec):
+        self.names, self.base_lr, self.lr, self.wd = names, spec.lr, spec.lr, spec.weight_decay
+        self.beta1, self.beta2, self.eps = spec.beta1, spec.beta2, spec.eps
         self.state: dict[str, dict[str, mx.array]] = {}
 
     def update(self, params: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
@@ -108,12 +107,8 @@ class Optimizers:
         self.cfg, self.model = cfg, model
         self.opts: dict[str, Muon | Adam] = {}
         for g, names in groups_of([n for n, _ in tree_flatten(model.parameters())], cfg).items():
-            lr = group_lr(g, cfg)
-            if GROUP_OPTIMIZER[g] == "muon":
-                self.opts[g] = Muon(names, lr, cfg.muon_backend_steps, ns_dtype, group_wd(g, cfg), cfg.muon_ns,
-                                    cfg.muon_row_normalize)
-            else:
-                self.opts[g] = Adam(names, lr, cfg.beta1, cfg.beta2, cfg.adam_eps, group_wd(g, cfg))
+            spec = optimizer_spec(g, cfg)
+            self.opts[g] = Muon(names, spec, ns_dtype) if isinstance(spec, MuonSpec) else Adam(names, spec)
 
     def step(self, grads: dict[str, mx.array], lr_scale: float, momentum: float) -> None:
         """Clip the global gradient norm (GRAD_CLIP_NORM), then every group at base_lr * lr_scale."""

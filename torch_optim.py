@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shared.config import Hyperparameters
-from shared.spec import (GROUP_OPTIMIZER, NS_EPS, ROW_NORM_EPS, group_lr, group_wd, groups_of, ns_coefficients,
+from shared.spec import (NS_EPS, ROW_NORM_EPS, MuonSpec, groups_of, ns_coefficients, optimizer_spec,
                          same_shape_buckets)
 from torch_model import to_numpy
 
@@ -72,14 +72,12 @@ class Muon(torch.optim.Optimizer):
     applied to the fp32 weights.
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
-                 compile_ns: bool = False, weight_decay: float = 0.0, ns: str = "quintic",
-                 row_normalize: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
+    def __init__(self, params, spec: MuonSpec, ns_dtype: torch.dtype, compile_ns: bool = False):
+        super().__init__(params, dict(lr=spec.lr, momentum=spec.momentum, backend_steps=spec.backend_steps,
+                                      weight_decay=spec.weight_decay))
         if len(self.param_groups) != 1:
             raise ValueError("Muon takes one parameter group (the 'matrix' group of shared/spec.py)")
-        self.ns_dtype, self.ns, self.row_normalize = ns_dtype, ns, row_normalize
+        self.ns_dtype, self.ns, self.row_normalize = ns_dtype, spec.ns, spec.row_normalize
         self.buckets = same_shape_buckets(self.param_groups[0]["params"], lambda p: p.shape)
         self.where = {id(p): (k, i) for k, b in enumerate(self.buckets) for i, p in enumerate(b)}
         self.shard_grads: list[Tensor | None] = [None] * len(self.buckets)
@@ -167,16 +165,14 @@ class Optimizers:
         fused = next(model.parameters()).is_cuda  # fused Adam and compiled Newton-Schulz on CUDA only
         self.opts: dict[str, torch.optim.Optimizer] = {}
         for g, names in groups_of(list(self.params), cfg).items():
-            params, lr = [self.params[n] for n in names], group_lr(g, cfg)
-            if GROUP_OPTIMIZER[g] == "muon":
-                self.opts[g] = Muon(params, lr, cfg.muon_momentum, cfg.muon_backend_steps, ns_dtype,
-                                    fused and cfg.torch_compile, group_wd(g, cfg), cfg.muon_ns,
-                                    cfg.muon_row_normalize)
+            params, spec = [self.params[n] for n in names], optimizer_spec(g, cfg)
+            if isinstance(spec, MuonSpec):
+                self.opts[g] = Muon(params, spec, ns_dtype, fused and cfg.torch_compile)
             else:
-                self.opts[g] = torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                self.opts[g] = torch.optim.Adam(params, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
                                                 fused=fused)
             for group in self.opts[g].param_groups:
-                group["base_lr"], group["decoupled_wd"] = lr, group_wd(g, cfg)
+                group["base_lr"], group["decoupled_wd"] = spec.lr, spec.weight_decay
 
     def zero_grad(self) -> None:
         for opt in self.opts.values():

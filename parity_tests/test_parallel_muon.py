@@ -21,6 +21,7 @@ import torch.multiprocessing as tmp  # noqa: E402
 
 import mlx_optim  # noqa: E402
 import torch_optim  # noqa: E402
+from shared.spec import MuonSpec  # noqa: E402
 
 # Three (8, 16) matrices (with 2 ranks: padded to 4, one zero matrix), two (16, 8) tall ones, one square.
 SHAPES = [(8, 16), (16, 8), (8, 16), (12, 12), (8, 16), (16, 8)]
@@ -55,7 +56,7 @@ def test_batched_orthogonalisation_equals_single_calls_bit_for_bit(shape, ns):
 def _run_muon(world: int, rank: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """STEPS Muon steps on this rank's gradients; returns (weights, gathered momentum) after the last step."""
     params = [torch.nn.Parameter(torch.from_numpy(w)) for w in _weights()]
-    opt = torch_optim.Muon(params, LR, MOMENTUM, 5, torch.float32, weight_decay=WD, row_normalize=True)
+    opt = torch_optim.Muon(params, MuonSpec(LR, MOMENTUM, 5, "quintic", True, WD), torch.float32)
     for step in range(STEPS):
         if world == 1:  # one process: the mean of the ranks' gradients, formed as the reduce-scatter does
             per_rank = [_grads(r, step) for r in range(2)]
@@ -139,7 +140,7 @@ def test_injected_collective_faults_are_caught(two_ranks, fault):
 def test_ownership_pads_each_bucket_to_the_world_and_splits_it_contiguously():
     """One process owns everything; the padded shares are what the reduce-scatter and all-gather assume."""
     params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-    opt = torch_optim.Muon(params, LR, MOMENTUM, 5, torch.float32)
+    opt = torch_optim.Muon(params, MuonSpec(LR, MOMENTUM, 5, "quintic", False, 0.0), torch.float32)
     assert [len(b) for b in opt.buckets] == [3, 2, 1]
     assert [tuple(b[0].shape) for b in opt.buckets] == [(8, 16), (16, 8), (12, 12)]
     assert all(opt.owns(p) for p in params)

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from parity_tests import compare as C  # noqa: E402
 from parity_tests.test_parity import WEIGHT_DECAY, cfg_for, check_optimizer_steps  # noqa: E402
-from shared.spec import group_lr, param_table  # noqa: E402
+from shared.spec import group_lr, optimizer_spec, param_table  # noqa: E402
 
 import mlx_model  # noqa: E402
 import mlx_optim  # noqa: E402
@@ -113,9 +113,9 @@ def test_injected_weight_decay_faults_are_caught(monkeypatch, fault, variant):
         monkeypatch.setattr(mlx_optim, "decay", _identity_decay)
         for cls in (mlx_optim.Muon, mlx_optim.Adam):
             monkeypatch.setattr(cls, "update", _decay_after_update(cls.update))
-    elif fault == "swapped_groups":
-        monkeypatch.setattr(mlx_optim, "group_wd", _wd_swapped_between_embedding_and_scalars)
-    else:
-        monkeypatch.setattr(mlx_optim, "group_wd", _no_muon_wd)
+    else:  # a twin that decays the groups its own way instead of as the shared spec says
+        wrong = _wd_swapped_between_embedding_and_scalars if fault == "swapped_groups" else _no_muon_wd
+        monkeypatch.setattr(mlx_optim, "optimizer_spec",
+                            lambda g, c: dataclasses.replace(optimizer_spec(g, c), weight_decay=wrong(g, c)))
     with pytest.raises(AssertionError, match="weight"):
         check_optimizer_steps(cfg, C.random_state(cfg, seed=4))

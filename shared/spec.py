@@ -246,6 +246,39 @@ def group_wd(group: str, cfg: Hyperparameters) -> float:
     return {"tok": cfg.embed_wd, "head": 0.0, "matrix": cfg.muon_wd, "scalar": cfg.adam_wd}[group]
 
 
+@dataclass(frozen=True)
+class MuonSpec:
+    """A Muon group as both twins build it (RECORD_STACK.md §5.3): Nesterov momentum (the rate set each step from
+    the schedule, `momentum` the configured target), MUON_NS's iteration for `backend_steps`, MuonEq-R rows,
+    decoupled decay, same-shape buckets (same_shape_buckets)."""
+    lr: float  # the group's base rate; each step runs lr * the schedule's multiplier
+    momentum: float
+    backend_steps: int
+    ns: str
+    row_normalize: bool
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class AdamSpec:
+    """An Adam group as both twins build it (RECORD_STACK.md §5.4): torch.optim.Adam's update with bias correction,
+    AdamW's decoupled decay p <- p (1 - lr wd) before it."""
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+def optimizer_spec(group: str, cfg: Hyperparameters) -> MuonSpec | AdamSpec:
+    """The one description of a group's optimizer that torch_optim and mlx_optim both build from: a new optimizer
+    knob is a config line (tagged reads="optimizer"), a field here, and the line in each twin that reads it."""
+    lr, wd = group_lr(group, cfg), group_wd(group, cfg)
+    if GROUP_OPTIMIZER[group] == "muon":
+        return MuonSpec(lr, cfg.muon_momentum, cfg.muon_backend_steps, cfg.muon_ns, cfg.muon_row_normalize, wd)
+    return AdamSpec(lr, cfg.beta1, cfg.beta2, cfg.adam_eps, wd)
+
+
 def optimizer_slots(p: Param) -> tuple[str, ...]:
     return OPTIMIZER_SLOTS[GROUP_OPTIMIZER[p.group]]
 
