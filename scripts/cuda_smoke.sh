@@ -17,16 +17,8 @@ OUTDIR=${1:-logs/cuda_smoke}
 PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR"
 
-stage() {  # stage NAME SECONDS CMD...
-    local name=$1 limit=$2 start rc
-    shift 2
-    echo "=== $name (limit ${limit}s)"
-    start=$(date +%s)
-    timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
-    rc=$?
-    echo "=== $name rc=$rc $(($(date +%s) - start))s"
-    tail -n "${SMOKE_TAIL:-40}" "$OUTDIR/$name.log"
-}
+source scripts/stage.sh
+stage_report() { tail -n "${SMOKE_TAIL:-40}" "$OUTDIR/$1.log"; }
 
 stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
     $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'"

@@ -24,16 +24,10 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR"
 export PRESET=${PRESET:-record} PYTHONUNBUFFERED=1
 
-stage() {  # stage NAME SECONDS CMD...
-    local name=$1 limit=$2 start rc
-    shift 2
-    echo "=== $name (limit ${limit}s)"
-    start=$(date +%s)
-    timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
-    rc=$?
-    echo "=== $name rc=$rc $(($(date +%s) - start))s"
-    grep -E "^(gpu_check|ttt_gpu_|export |WARNING|error|Traceback)" "$OUTDIR/$name.log" | tail -n 20
-    [ $rc -eq 0 ] || tail -n "${GPU_CHECK_TAIL:-15}" "$OUTDIR/$name.log"
+source scripts/stage.sh
+stage_report() {  # the figures' lines; the log's tail when the stage failed
+    grep -E "^(gpu_check|ttt_gpu_|export |WARNING|error|Traceback)" "$OUTDIR/$1.log" | tail -n 20
+    [ "$2" -eq 0 ] || tail -n "${GPU_CHECK_TAIL:-15}" "$OUTDIR/$1.log"
 }
 
 NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
