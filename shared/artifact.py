@@ -36,7 +36,7 @@ from shared import quant
 from shared.quant import coding
 from shared.config import Hyperparameters
 from shared.fsutil import atomic_write_bytes
-from shared.shipped import code_bytes, code_files
+from shared.shipped import shipped_code_bytes
 from shared.spec import param_table
 
 FORMAT_NAME = "parameter-golf-artifact"
@@ -304,8 +304,9 @@ class SizeReport:
     def check(self, path: str) -> None:
         if self.over_limit:
             raise ValueError(f"artifact {path}: {self.total_bytes} bytes (artifact {self.artifact_bytes} + code "
-                             f"{self.code_bytes}) is over the {self.limit}-byte cap")
+                             f"{self.code_bytes}) is {self.total_bytes - self.limit} bytes over the {self.limit}-byte cap")
 
 
 def size_report(artifact_path: str | os.PathLike, trainer_path: str | os.PathLike) -> SizeReport:
-    return SizeReport(os.path.getsize(artifact_path), code_bytes(code_files(trainer_path)))
+    """The artifact's bytes and the code that ships with it (the compressed bundle: shared/shipped.py)."""
+    return SizeReport(os.path.getsize(artifact_path), shipped_code_bytes(trainer_path))

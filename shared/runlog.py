@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from shared.config import Hyperparameters
-from shared.shipped import git_commit, repo_root, source_digests
+from shared.shipped import git_commit, read_source, repo_root, source_digests
 
 
 class RunLog:
@@ -34,7 +34,7 @@ class RunLog:
 
     def header(self, source_path: str, cfg: Hyperparameters, backend: str) -> None:
         """The trainer's source, the hash of every repo module this process runs, the git commit, the config."""
-        self(Path(source_path).read_text(encoding="utf-8"), console=False)
+        self(read_source(source_path), console=False)
         self("=" * 100, console=False)
         self(f"backend:{backend} python:{sys.version.split()[0]} platform:{platform.platform()} pid:{os.getpid()}")
         digests = source_digests([Path(source_path)] + loaded_repo_files())

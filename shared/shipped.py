@@ -8,15 +8,20 @@ not ship. Stdlib only, so tools and the trainer import it for free. Inside a
 bundled train_gpt.py (tools/bundle.py) that one file is the shipped code.
 
     files = code_files("cuda_train.py")     # trainer first, then by module name
-    code_bytes(files)                       # UTF-8 bytes, as the byte cap counts them
+    code_bytes(files)                       # bytes on disk, as the byte cap counts them
+    shipped_code_bytes("cuda_train.py")     # what ships: the compressed bundle tools/bundle.py writes
+    read_source(path)                       # a source file as text, by its coding cookie (latin-1 bundles too)
     source_digests(files)                   # {"shared/bpb.py": "3f2a...", ...}, for the log header
     git_commit(repo_root())                 # "abc123...+dirty"; None outside a git checkout or in a bundle
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
+import sys
+import tokenize
 from pathlib import Path
 
 TRAINER_NAME = "cuda_train.py"
@@ -25,6 +30,7 @@ SHIPPED_TOP_LEVEL = ("torch_gptq", "torch_model", "torch_optim", "torch_ttt")
 SHARED_PACKAGE = "shared"
 DIGEST_HEX = 16
 GIT_TIMEOUT_S = 5.0
+BUNDLE_TIMEOUT_S = 120.0  # minifying and compressing the sources takes ~1 s
 
 
 def _bundled() -> bool:
@@ -72,7 +78,40 @@ def code_files(trainer_path: str | os.PathLike) -> list[Path]:
 
 
 def code_bytes(files: list[Path]) -> int:
-    return sum(len(Path(f).read_text(encoding="utf-8").encode("utf-8")) for f in files)
+    return sum(Path(f).stat().st_size for f in files)
+
+
+def shipped_code_bytes(trainer_path: str | os.PathLike) -> int:
+    """The code bytes an entry ships: inside a bundle, the bundle itself; from a repo, the compressed bundle of
+    these sources (python -m tools.bundle --compress), since that is the train_gpt.py a record folder holds.
+
+    tools/ does not ship, so it is asked in a child process, not imported; where it cannot answer (a copy of
+    shared/ without tools/ beside it) the count falls back to the modules' own bytes.
+    """
+    files = code_files(trainer_path)
+    root = repo_root()
+    if _bundled() or root is None or not (root / "tools" / "bundle.py").is_file():
+        return code_bytes(files)
+    n = _compressed_bundle_bytes(str(root), str(files[0]), tuple(source_digests(files).items()))
+    return code_bytes(files) if n is None else n
+
+
+@functools.lru_cache(maxsize=4)
+def _compressed_bundle_bytes(root: str, trainer: str, digests: tuple) -> int | None:
+    # keyed by the sources' digests: a second report in one process costs nothing, an edited source recounts
+    try:
+        res = subprocess.run([sys.executable, "-m", "tools.bundle", "--size", "--trainer", trainer], cwd=root,
+                             capture_output=True, text=True, timeout=BUNDLE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = res.stdout.split()
+    return int(out[-1]) if res.returncode == 0 and out and out[-1].isdigit() else None
+
+
+def read_source(path: str | os.PathLike) -> str:
+    """A Python source as text, decoded by its PEP 263 cookie: a compressed bundle is latin-1, the rest UTF-8."""
+    with tokenize.open(path) as f:
+        return f.read()
 
 
 def _relative_name(path: Path) -> str:

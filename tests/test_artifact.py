@@ -221,6 +221,7 @@ def test_a_directory_is_not_an_artifact(tmp_path):
 
 
 def test_size_report_counts_the_shipped_code(tmp_path):
+    from tools.bundle import bundle_bytes
     path = tmp_path / "a.zst"
     n = save_artifact(path, _trained_like_state(), CFG)
     trainer = ROOT / "cuda_train.py"
@@ -232,7 +233,9 @@ def test_size_report_counts_the_shipped_code(tmp_path):
                   ROOT / "torch_ttt.py"}
     want_files |= set((ROOT / "shared").rglob("*.py"))
     assert set(files) == {f.resolve() for f in want_files} and len(files) == len(want_files)
-    want_code = sum(len(f.read_bytes().decode("utf-8").encode("utf-8")) for f in files)
+    # ... counted as it ships: the compressed train_gpt.py that python -m tools.bundle --compress writes
+    want_code = len(bundle_bytes(trainer, compress=True))
+    assert want_code < sum(f.stat().st_size for f in files) / 4
     assert report.artifact_bytes == n == path.stat().st_size
     assert report.code_bytes == want_code
     assert report.total_bytes == n + want_code and not report.over_limit
@@ -244,7 +247,7 @@ def test_size_check_raises_over_the_limit():
     assert not exact.over_limit
     exact.check("x.zst")  # the cap itself is allowed
     over = SizeReport(artifact_bytes=1_000, code_bytes=235, limit=1_234)
-    with pytest.raises(ValueError, match=r"x\.zst: 1235 bytes .* over the 1234-byte cap"):
+    with pytest.raises(ValueError, match=r"x\.zst: 1235 bytes .* is 1 bytes over the 1234-byte cap"):
         over.check("x.zst")
     assert SizeReport(1, 2).line("p") == "artifact:p artifact_bytes:1 code_bytes:2 total_bytes:3 limit:16000000"
 

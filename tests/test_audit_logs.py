@@ -10,7 +10,7 @@ from shared.artifact import BYTE_LIMIT, SizeReport
 from shared.config import Hyperparameters
 from shared.runlog import final_lines, step_line, val_line
 from tools.audit_logs import check_size, check_time_budgets
-from tools.bundle import bundle_source
+from tools.bundle import bundle_bytes
 from tools.submission import SEPARATOR
 
 
@@ -96,10 +96,11 @@ def _sized(path: Path, n: int) -> str:
     return str(path)
 
 
-def test_size_counts_the_shipped_bundle(tmp_path):
-    code = len(bundle_source().encode("utf-8"))
-    fits, over = _sized(tmp_path / "fits.zst", BYTE_LIMIT - code), _sized(tmp_path / "over.zst", BYTE_LIMIT - code + 1)
-    assert check_size(fits)[0].status == "PASS"
+def test_size_counts_the_compressed_bundle_and_names_the_margin(tmp_path):
+    code = len(bundle_bytes(compress=True))
+    fits, over = _sized(tmp_path / "fits.zst", BYTE_LIMIT - code), _sized(tmp_path / "over.zst", BYTE_LIMIT - code + 7)
+    (f,) = check_size(fits)
+    assert f.status == "PASS" and f"= {BYTE_LIMIT} <= {BYTE_LIMIT} (0 under)" in f.figure, f.figure
     (f,) = check_size(over)
-    assert f.status == "FAIL" and f"= {BYTE_LIMIT + 1} > {BYTE_LIMIT}" in f.figure
+    assert f.status == "FAIL" and f"= {BYTE_LIMIT + 7} > {BYTE_LIMIT} (7 over)" in f.figure, f.figure
     assert check_size(str(tmp_path / "missing.zst"))[0].failed

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, run_script, tiny_env
 from shared.runlog import parse_final
 from shared.shipped import package_names, shipped_modules
-from tools.bundle import bundle_source, write_bundle
+from tools.bundle import bundle_bytes, write_bundle
 from tools.submission import parse_log
 
 SEEDS = (1, 2, 3)
@@ -64,13 +64,13 @@ def test_bundle_serves_subpackages_and_namespace_folders(tmp_path, compress):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text(src)
     shutil.copy(ROOT / "shared" / "shipped.py", repo / "shared" / "shipped.py")  # the real one, bundled
-    text = bundle_source(repo / "cuda_train.py", compress=compress, root=repo)
-    assert text == bundle_source(repo / "cuda_train.py", compress=compress, root=repo)  # deterministic bytes
+    data = bundle_bytes(repo / "cuda_train.py", compress=compress, root=repo)
+    assert data == bundle_bytes(repo / "cuda_train.py", compress=compress, root=repo)  # deterministic bytes
     if not compress:
-        assert _bundled_literals(text)["_PACKAGES"] == ("shared", "shared.ns", "shared.quant")
+        assert _bundled_literals(data.decode())["_PACKAGES"] == ("shared", "shared.ns", "shared.quant")
     alone = tmp_path / "alone"
     alone.mkdir()
-    (alone / "train_gpt.py").write_text(text)
+    (alone / "train_gpt.py").write_bytes(data)
     res = subprocess.run([sys.executable, "-I", "train_gpt.py"], cwd=alone, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["9 leaf", "True", "['train_gpt.py'] ['train_gpt.py']", "None None"]
@@ -154,7 +154,9 @@ def test_good_entry_passes_and_json_carries_the_log_values(runs, tmp_path):
         got = meta["seed_results"][str(r.seed)]
         assert (got["val_bpb"], got["val_loss"], got["artifact_bytes"]) == (r.val_bpb, r.val_loss, r.artifact_bytes)
     assert meta["val_bpb"] == pytest.approx(sum(r.val_bpb for r in parsed) / 3, abs=1e-12)
-    assert meta["bytes_code"] == (tmp_path / "rec" / "train_gpt.py").stat().st_size
+    assert meta["bytes_code"] == (tmp_path / "rec" / "train_gpt.py").stat().st_size == meta["bytes_code_uncompressed"]
+    assert meta["bytes_margin"] == 16_000_000 - meta["bytes_total"]
+    assert f"({meta['bytes_margin']} under)" in res.stdout.splitlines()[-1]
     assert meta["compliance"]["significant"] is True and meta["pytorch_version"]
     assert (tmp_path / "rec" / "README.md").exists() and (tmp_path / "rec" / "seed1.txt").exists()
     assert "check:improvement_nats_per_byte PASS" in res.stdout
@@ -187,6 +189,8 @@ def test_over_cap_artifact_fails(runs, tmp_path):
         f.truncate(15_990_000)  # + the ~78 KB bundle is over 16,000,000
     res = submit(dict(runs, work=tmp_path), tmp_path / "rec")
     assert res.returncode == 1 and any(line.startswith("check:bytes[artifact] FAIL") for line in _failed(res))
+    code = (tmp_path / "rec" / "train_gpt.py").stat().st_size
+    assert f"({15_990_000 + code - 16_000_000} over)" in res.stdout
 
 
 def test_logs_from_other_code_fail(runs, tiny_data, tmp_path):

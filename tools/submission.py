@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.artifact import BYTE_LIMIT
-from shared.fsutil import atomic_write_text
-from tools.bundle import bundle_source
+from shared.fsutil import atomic_write_bytes, atomic_write_text
+from tools.bundle import bundle_bytes
 from tools.stats import one_sided_t_test
 
 TIME_LIMIT_S = 600.0
@@ -87,8 +87,16 @@ class Check:
         return f"check:{self.name} {'PASS' if self.ok else 'FAIL'} {self.detail}"
 
 
-def check_runs(runs: list[RunResult], shipped: str, artifact_bytes: int, track: str) -> list[Check]:
-    code = len(shipped.encode("utf-8"))
+def cap_detail(code: int, artifact_bytes: int) -> str:
+    """`code C + artifact A = T <= CAP (M under)`, or `> CAP (N over)`: the margin either way, in bytes."""
+    total = code + artifact_bytes
+    if total <= BYTE_LIMIT:
+        return f"code {code} + artifact {artifact_bytes} = {total} <= {BYTE_LIMIT} ({BYTE_LIMIT - total} under)"
+    return f"code {code} + artifact {artifact_bytes} = {total} > {BYTE_LIMIT} ({total - BYTE_LIMIT} over)"
+
+
+def check_runs(runs: list[RunResult], shipped: str, code: int, artifact_bytes: int, track: str) -> list[Check]:
+    """shipped: train_gpt.py as text, decoded as a log records it (shared/shipped.read_source); code: its bytes."""
     checks = []
     timed = track == "10min_16mb"
     for r in runs:
@@ -96,14 +104,12 @@ def check_runs(runs: list[RunResult], shipped: str, artifact_bytes: int, track: 
         if timed:
             checks.append(Check(f"train_time[{name}]", r.train_ms <= 1000 * TIME_LIMIT_S, f"{r.train_ms / 1000:.1f}s <= {TIME_LIMIT_S:.0f}s"))
             checks.append(Check(f"eval_time[{name}]", r.eval_ms <= 1000 * TIME_LIMIT_S, f"{r.eval_ms / 1000:.1f}s <= {TIME_LIMIT_S:.0f}s"))
-        total = code + r.artifact_bytes
-        checks.append(Check(f"bytes[{name}]", total <= BYTE_LIMIT, f"code {code} + artifact {r.artifact_bytes} = {total} <= {BYTE_LIMIT}"))
+        checks.append(Check(f"bytes[{name}]", code + r.artifact_bytes <= BYTE_LIMIT, cap_detail(code, r.artifact_bytes)))
         checks.append(Check(f"logged_source[{name}]", r.source == shipped,
                             "the log's source is the shipped train_gpt.py" if r.source == shipped else
                             f"the log was produced by other code ({len(r.source.encode())} bytes, logged code_bytes "
                             f"{r.code_bytes}) than the shipped train_gpt.py ({code} bytes)"))
-    checks.append(Check("bytes[artifact]", code + artifact_bytes <= BYTE_LIMIT,
-                        f"code {code} + artifact {artifact_bytes} = {code + artifact_bytes} <= {BYTE_LIMIT}"))
+    checks.append(Check("bytes[artifact]", code + artifact_bytes <= BYTE_LIMIT, cap_detail(code, artifact_bytes)))
     seeds = sorted({r.seed for r in runs})
     checks.append(Check("seeds", len(seeds) >= MIN_SEEDS and len(seeds) == len(runs),
                         f"{len(seeds)} distinct seeds {seeds} in {len(runs)} logs (need >= {MIN_SEEDS}, one log each)"))
@@ -127,7 +133,7 @@ def significance(runs: list[RunResult], sota_bpb: float) -> list[Check]:
 
 
 def submission_json(args: argparse.Namespace, runs: list[RunResult], code: int, artifact_bytes: int,
-                    checks: list[Check]) -> dict:
+                    checks: list[Check], code_uncompressed: int | None = None) -> dict:
     bpbs = [r.val_bpb for r in runs]
     torch_version = re.search(r"torch-(\S+)", runs[0].backend)
     ok = {c.name: c.ok for c in checks}
@@ -139,7 +145,9 @@ def submission_json(args: argparse.Namespace, runs: list[RunResult], code: int, 
         "seed_results": {str(r.seed): {"val_bpb": r.val_bpb, "val_loss": r.val_loss, "artifact_bytes": r.artifact_bytes,
                                        "train_time_s": r.train_ms / 1000, "eval_time_s": r.eval_ms / 1000,
                                        "log": Path(r.log).name} for r in runs},
-        "bytes_total": code + artifact_bytes, "bytes_code": code, "hardware": runs[0].backend,
+        "bytes_total": code + artifact_bytes, "bytes_code": code,
+        "bytes_code_uncompressed": code if code_uncompressed is None else code_uncompressed,
+        "bytes_margin": BYTE_LIMIT - code - artifact_bytes, "hardware": runs[0].backend,
         "pytorch_version": torch_version.group(1) if torch_version else None,
         "technique_summary": args.summary,
         "compliance": {"train_under_600s": all(v for k, v in ok.items() if k.startswith("train_time")),
@@ -172,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.add_argument(flag, required=True)
     ap.add_argument("--sota", type=float, help="current SOTA val_bpb to beat (runs the t-tests)")
     ap.add_argument("--track", choices=("10min_16mb", "non_record_16mb"), default="10min_16mb")
-    ap.add_argument("--compress", action="store_true", help="ship the self-extracting compressed bundle")
+    ap.add_argument("--compress", action="store_true", help="ship the minified, compressed, self-extracting bundle "
+                    "(tools/bundle.py); the runs must have been made with that same file")
     ap.add_argument("--summary", default="", help="technique summary for submission.json and the README")
     audit = ap.add_argument_group("compliance audit", "python -m tools.audit on the artifact and the logs")
     audit.add_argument("--audit-data-path", help="runs the audit: the dataset the artifact is scored on")
@@ -196,16 +205,18 @@ def audit_findings(args: argparse.Namespace) -> list:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = [parse_log(p) for p in args.logs]
-    shipped = bundle_source(compress=args.compress)
-    compile(shipped, "train_gpt.py", "exec")  # the bundle must at least compile
+    data = bundle_bytes(compress=args.compress)
+    plain = data if not args.compress else bundle_bytes()
+    shipped = data.decode("latin-1" if args.compress else "utf-8")  # as the bundle's coding cookie reads it
+    compile(data, "train_gpt.py", "exec")  # the bundle must at least compile
     artifact_bytes = Path(args.artifact).stat().st_size
-    checks = check_runs(runs, shipped, artifact_bytes, args.track)
+    checks = check_runs(runs, shipped, len(data), artifact_bytes, args.track)
     if args.sota is not None:
         checks += significance(runs, args.sota)
     findings = audit_findings(args)
     out = Path(args.out)
-    atomic_write_text(out / "train_gpt.py", shipped)
-    meta = submission_json(args, runs, len(shipped.encode("utf-8")), artifact_bytes, checks)
+    atomic_write_bytes(out / "train_gpt.py", data)
+    meta = submission_json(args, runs, len(data), artifact_bytes, checks, len(plain))
     atomic_write_text(out / "submission.json", json.dumps(meta, indent=2) + "\n")
     atomic_write_text(out / "README.md", readme(meta, checks, findings))
     for r in runs:
@@ -215,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in findings:
         print(f.line())
     failed = [c for c in checks if not c.ok] + [f for f in findings if f.failed]
-    print(f"submission:{out} checks:{len(checks) + len(findings)} failed:{len(failed)}")
+    print(f"submission:{out} checks:{len(checks) + len(findings)} failed:{len(failed)} "
+          f"code_bytes:{len(data)} uncompressed_code_bytes:{len(plain)} {cap_detail(len(data), artifact_bytes)}")
     return 1 if failed else 0
 
 
