@@ -20,6 +20,17 @@ except ImportError:
 # 384, not the style guide's 128: a byte-fallback tokenizer needs 256 byte pieces + 4 specials.
 TINY_VOCAB = 384
 
+# The modules that take longest (most trainer runs), longest first. scripts/test.sh's workers (pytest-xdist,
+# --dist loadscope) take whole modules in collection order, so one of these started last would leave the other
+# worker idle for its length; every other module keeps its place after them. Speed only: any order passes.
+HEAVY_MODULES = ("tests/test_trainers.py", "parity_tests/test_record_preset.py", "tests/test_submission.py",
+                 "parity_tests/test_parity.py", "tests/test_ttt_eval.py", "parity_tests/test_parity_ttt.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_MODULES)}
+    items.sort(key=lambda item: rank.get(Path(os.path.relpath(str(item.fspath), ROOT)).as_posix(), len(rank)))
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
