@@ -41,11 +41,11 @@ def rms_norm(x: mx.array) -> mx.array:
 class RMSNorm(nn.Module):
     def __init__(self, scale: float = 1.0):
         super().__init__()
-        self._scale = scale  # LN_SCALE's c_i, multiplied after the norm; 1.0 skips the multiply
+        self.scale = scale  # LN_SCALE's c_i, multiplied after the norm; 1.0 skips the multiply
 
     def __call__(self, x: mx.array) -> mx.array:
         y = rms_norm(x)
-        return y if self._scale == 1.0 else y * self._scale
+        return y if self.scale == 1.0 else y * self.scale
 
 
 class CastedLinear(nn.Module):
@@ -54,14 +54,14 @@ class CastedLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dtype: mx.Dtype):
         super().__init__()
         self.weight = mx.zeros((out_dim, in_dim))
-        self._dtype = dtype
+        self.dtype = dtype
 
     _tap = None  # collect_hessians sets it to read each input (torch uses a forward pre-hook instead)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self._tap is not None:
             self._tap(x)
-        return x.astype(self._dtype) @ self.weight.astype(self._dtype).T
+        return x.astype(self.dtype) @ self.weight.astype(self.dtype).T
 
 
 class LoRAApp(NamedTuple):
@@ -175,19 +175,19 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, rope_dims: int,
                  qk_gain_init: float, xsa: bool, dtype: mx.Dtype, ops, gate_window: int = 0, gate_scale: float = 1.0):
         super().__init__()
-        self._num_heads, self._num_kv_heads = num_heads, num_kv_heads
-        self._xsa = xsa
-        self._gate_window, self._gate_scale = gate_window, gate_scale  # sparse output gate; 0 = off
-        self._head_dim = dim // num_heads
-        self._dtype, self._ops = dtype, ops
-        kv_dim = num_kv_heads * self._head_dim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.xsa = xsa
+        self.gate_window, self.gate_scale = gate_window, gate_scale  # sparse output gate; 0 = off
+        self.head_dim = dim // num_heads
+        self.dtype, self._ops = dtype, ops
+        kv_dim = num_kv_heads * self.head_dim
         self.c_q = CastedLinear(dim, dim, dtype)
         self.c_k = CastedLinear(dim, kv_dim, dtype)
         self.c_v = CastedLinear(dim, kv_dim, dtype)
         self.proj = CastedLinear(dim, dim, dtype)
         self.q_gain = mx.full((num_heads,), qk_gain_init, dtype=mx.float32)
-        self.rotary = Rotary(rope_dims or self._head_dim, rope_base)  # ROPE_DIMS=0: every dim
-        self._scale = self._head_dim ** -0.5  # explicit attention scale
+        self.rotary = Rotary(rope_dims or self.head_dim, rope_base)  # ROPE_DIMS=0: every dim
+        self.scale = self.head_dim ** -0.5  # explicit attention scale
         if gate_window:
             self.attn_gate_w = mx.zeros((num_heads, gate_window))
 
@@ -196,21 +196,21 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if lora is not None:  # TTT adapters add to the frozen projections (§7.2)
             q, k, v = lora.add("q", q, x), lora.add("k", k, x), lora.add("v", v, x)
-        q = q.reshape(bsz, seqlen, self._num_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = k.reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        v = v.reshape(bsz, seqlen, self._num_kv_heads, self._head_dim).transpose(0, 2, 1, 3)
+        q = q.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = k.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
+        v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = rms_norm(q)  # fp32 from here to the kernel
         k = rms_norm(k)
         cos, sin = self.rotary(seqlen)
         q = apply_rotary_emb(q, cos, sin)
         k = apply_rotary_emb(k, cos, sin)
         q = q * self.q_gain[None, :, None, None]
-        y = self._ops.attention(q.astype(self._dtype), k.astype(self._dtype), v.astype(self._dtype),
-                                self._scale, doc)  # causal, GQA
-        if self._xsa:
+        y = self._ops.attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                                self.scale, doc)  # causal, GQA
+        if self.xsa:
             y = exclusive_self_attention(y, v)
-        if self._gate_window:
-            y = sparse_attn_gate(y, x, self.attn_gate_w, self._gate_scale)
+        if self.gate_window:
+            y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
         y = y.transpose(0, 2, 1, 3).reshape(bsz, seqlen, dim)
         out = self.proj(y)
         return out if lora is None else lora.add("o", out, x)  # the o adapter reads n, not W_o's input (§7.2)
@@ -229,10 +229,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = CastedLinear(dim, hidden, dtype)
         self.proj = CastedLinear(hidden, dim, dtype)
-        self._act, self._slope = implementation(MLP_ACTIVATIONS, "mlp_act", act, "mlx_model"), leaky_slope
+        self.act, self.slope = implementation(MLP_ACTIVATIONS, "mlp_act", act, "mlx_model"), leaky_slope
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj(self._act(self.fc(x), self._slope))
+        return self.proj(self.act(self.fc(x), self.slope))
 
 
 class Block(nn.Module):
@@ -280,26 +280,26 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: Hyperparameters, dtype: mx.Dtype = mx.float32, ops=None, bos_id: int | None = None):
         super().__init__()
-        self._bos_id = bos_id  # the tokenizer's BOS id (None/-1: unknown); read by BOS-aware features
+        self.bos_id = bos_id  # the tokenizer's BOS id (None/-1: unknown); read by BOS-aware features
         self._ops = ops if ops is not None else select_ops(cfg)
-        self._logit_softcap = cfg.logit_softcap
-        self._tie_embeddings = cfg.tie_embeddings
-        self._dtype = dtype
+        self.logit_softcap = cfg.logit_softcap
+        self.tie_embeddings = cfg.tie_embeddings
+        self.dtype = dtype
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self._smear_gate_enabled = cfg.smear_gate_enabled
+        self.smear_gate_enabled = cfg.smear_gate_enabled
         if cfg.smear_gate_enabled:  # the record's names; smear() reads the weight, it is never called as a Linear
             self.smear_gate = CastedLinear(cfg.gate_window, 1, dtype)
             self.smear_lambda = mx.zeros((1,))
         # NUM_LOOPS: the looped and unlooped plans (shared/spec.layer_plan); set_looping picks one
         self._plan_unlooped, self._plan_looped = layer_plan(cfg, False), layer_plan(cfg, True)
-        self._looping = cfg.num_loops > 0  # built looped: every score runs looped; training switches it
+        self.looping = cfg.num_loops > 0  # built looped: every score runs looped; training switches it
         self.skip_weights = mx.ones((num_skip_weights(cfg), cfg.model_dim))
-        self._skip_gates_enabled = cfg.skip_gates_enabled
+        self.skip_gates_enabled = cfg.skip_gates_enabled
         if cfg.skip_gates_enabled:
             self.skip_gates = mx.zeros((num_skip_weights(cfg), cfg.model_dim))
-        self._parallel_start = cfg.parallel_start_layer  # 0: one residual stream throughout
-        if self._parallel_start:
-            lanes = cfg.num_layers - self._parallel_start
+        self.parallel_start = cfg.parallel_start_layer  # 0: one residual stream throughout
+        if self.parallel_start:
+            lanes = cfg.num_layers - self.parallel_start
             self.parallel_post_lambdas = mx.ones((lanes, 2, 2))
             self.parallel_resid_lambdas = mx.full((lanes, 2), 1.1)
         self.blocks = [Block(cfg, i, dtype, self._ops) for i in range(cfg.num_layers)]
@@ -315,11 +315,11 @@ class GPT(nn.Module):
         passes apart), then the head's."""
         doc = None if segments is None else self.doc_attention(segments)
         x = self.tok_emb(input_ids)  # (B, T, D)
-        if self._smear_gate_enabled:
-            x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self._bos_id)
+        if self.smear_gate_enabled:
+            x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
         x = rms_norm(x)
         x0 = x
-        plan = self._plan_looped if self._looping else self._plan_unlooped
+        plan = self._plan_looped if self.looping else self._plan_unlooped
         skips = []
         for j, i in enumerate(plan.encoder):
             x = self.blocks[i](x, x0, doc, **adapters(lora, j))
@@ -327,7 +327,7 @@ class GPT(nn.Module):
         lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
         for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
             app = adapters(lora, j)
-            if lanes is None and 0 < self._parallel_start <= i:
+            if lanes is None and 0 < self.parallel_start <= i:
                 lanes = (x, x)  # split before the skip, which joins lane 0 only
             if lanes is None:
                 x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
@@ -337,8 +337,8 @@ class GPT(nn.Module):
         if lanes is not None:
             x = merge_lanes(*lanes)
         x = self.final_norm(x)
-        w = self.tok_emb.weight if self._tie_embeddings else self.lm_head.weight
-        z = x.astype(self._dtype) @ w.astype(self._dtype).T  # (B, T, V) in the compute dtype
+        w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
+        z = x.astype(self.dtype) @ w.astype(self.dtype).T  # (B, T, V) in the compute dtype
         if lora is not None:
             z = lora[-1].add("head", z.astype(mx.float32), x)  # before the softcap (§7.2)
         return z
@@ -347,24 +347,24 @@ class GPT(nn.Module):
                lora: list[LoRAApp] | None = None) -> mx.array:
         """Softcapped logits (B, T, V), fp32: c * tanh(z / c) of the head's output (raw_logits)."""
         z = self.raw_logits(input_ids, segments, lora).astype(mx.float32)  # softcap and loss in fp32
-        return self._logit_softcap * self._ops.tanh(z / self._logit_softcap)
+        return self.logit_softcap * self._ops.tanh(z / self.logit_softcap)
 
     def add_skip(self, x: mx.array, skip: mx.array, slot: int) -> mx.array:
         """U-Net skip through `slot` (§3.6): scaled by skip_weights[slot], then added or gate-mixed."""
         skip = self.skip_weights[slot][None, None, :] * skip
-        if self._skip_gates_enabled:
+        if self.skip_gates_enabled:
             return gated_skip(x, skip, self.skip_gates[slot][None, None, :])
         return x + skip
 
     def lane_lambdas(self, layer: int) -> tuple[mx.array, mx.array]:
         """(post [2, 2], resid [2]) of a lane layer: row layer - PARALLEL_START_LAYER (shared/spec._lane_rows)."""
-        k = layer - self._parallel_start
+        k = layer - self.parallel_start
         return self.parallel_post_lambdas[k], self.parallel_resid_lambdas[k]
 
     def set_looping(self, on: bool) -> None:
         """Depth recurrence on or off (RECORD_STACK.md §3.2); a no-op without NUM_LOOPS. mx.compile fixes the
         flag at trace time: a compiled caller keeps one graph per state (mlx_train.MLXBackend)."""
-        self._looping = bool(on)
+        self.looping = bool(on)
 
     def doc_attention(self, segments: mx.array) -> mx.array | tuple:
         """What every layer's attention needs for DOC_ISOLATED_ATTN, built once per forward."""
@@ -431,7 +431,7 @@ def collect_hessians(model: GPT, batches: list[tuple[mx.array, mx.array | None]]
 
     def tap(name: str):
         def add(x: mx.array) -> None:
-            x = x.astype(model._dtype).astype(mx.float32).reshape(-1, x.shape[-1])
+            x = x.astype(model.dtype).astype(mx.float32).reshape(-1, x.shape[-1])
             sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
         return add
 
@@ -440,7 +440,7 @@ def collect_hessians(model: GPT, batches: list[tuple[mx.array, mx.array | None]]
         if isinstance(m, CastedLinear) and f"{mname}.weight" in wanted:
             m._tap = tap(f"{mname}.weight")
             tapped.append(m)
-    head = "tok_emb.weight" if model._tie_embeddings else "lm_head.weight"
+    head = "tok_emb.weight" if model.tie_embeddings else "lm_head.weight"
     norm = model.final_norm
     if head in wanted:
         model.final_norm = _TapOutput(norm, tap(head))

@@ -81,7 +81,7 @@ class MLXTTT:
         lora.step, lora.grads = 0, None
 
     def apps(self, a: list[dict], b: list[dict]) -> list[LoRAApp]:
-        return [LoRAApp({k: (a[j][k], b[j][k]) for k in app}, self.scale, self.model._dtype)
+        return [LoRAApp({k: (a[j][k], b[j][k]) for k in app}, self.scale, self.model.dtype)
                 for j, app in enumerate(a)]
 
     # -- score, then update --

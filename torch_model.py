@@ -464,7 +464,7 @@ class GPT(nn.Module):
             self.smear_gate = CastedLinear(cfg.gate_window, 1, dtype)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         # NUM_LOOPS: the looped and unlooped plans (shared/spec.layer_plan); set_looping picks one
-        self.plan_unlooped, self.plan_looped = layer_plan(cfg, False), layer_plan(cfg, True)
+        self._plan_unlooped, self._plan_looped = layer_plan(cfg, False), layer_plan(cfg, True)
         self.looping = cfg.num_loops > 0  # built looped: every score runs looped; training switches it
         self.skip_weights = nn.Parameter(torch.ones(num_skip_weights(cfg), cfg.model_dim))
         self.skip_gates_enabled = cfg.skip_gates_enabled
@@ -492,7 +492,7 @@ class GPT(nn.Module):
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
         x = rms_norm(x)
         x0 = x
-        plan = self.plan_looped if self.looping else self.plan_unlooped
+        plan = self._plan_looped if self.looping else self._plan_unlooped
         skips = []
         for j, i in enumerate(plan.encoder):
             x = self.blocks[i](x, x0, doc, **adapters(lora, j))

@@ -326,18 +326,18 @@ def _adjacent_pair_rope(x, cos, sin):
 
 def _leaky_slope_squared(self, x):
     x = self.fc(x)
-    x = mx.where(x > 0, x, (self._slope ** 2) * x)
+    x = mx.where(x > 0, x, (self.slope ** 2) * x)
     return self.proj(mx.square(x))
 
 
 def _leaky_wrong_side(self, x):
     x = self.fc(x)
-    x = mx.where(x > 0, self._slope * x, x)
+    x = mx.where(x > 0, self.slope * x, x)
     return self.proj(mx.square(x))
 
 
 def _ln_scale_before_norm(self, x):
-    return mlx_model.rms_norm(x * self._scale)
+    return mlx_model.rms_norm(x * self.scale)
 
 
 @pytest.mark.parametrize("fault", ["rope_adjacent_pairs", "leaky_slope_squared", "leaky_wrong_side",
@@ -482,7 +482,7 @@ def test_injected_xsa_on_the_first_layers_is_caught(monkeypatch):
 
     def init(self, c, layer_idx, *a, **k):
         orig(self, c, layer_idx, *a, **k)
-        self.attn._xsa = layer_idx < c.xsa_last_n
+        self.attn.xsa = layer_idx < c.xsa_last_n
     monkeypatch.setattr(mlx_model.Block, "__init__", init)
     with pytest.raises(AssertionError, match="logits: max abs diff"):
         check_forward(cfg, mlx_cpu_ops.ComposedOps)

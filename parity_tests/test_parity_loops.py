@@ -120,14 +120,14 @@ def test_both_trainers_switch_at_the_same_step(tiny_data, tmp_path):
     data = bpb.load_eval_data(cfg)
     data.windows = data.windows[:4]
     seen = {}
-    for name, flag in (("torch", "looping"), ("mlx", "_looping")):
+    for name in ("torch", "mlx"):
         be = _backend(name, cfg)
         be.build(cfg, init_params(cfg), train=True)
         seen[name] = []
         step = be.train_step
 
-        def recording_step(*args, _be=be, _flag=flag, _step=step, _seen=seen[name], **kwargs):
-            _seen.append(getattr(_be.model, _flag))  # the state the model itself holds
+        def recording_step(*args, _be=be, _step=step, _seen=seen[name], **kwargs):
+            _seen.append(_be.model.looping)  # the state the model itself holds (the same name in both twins)
             return _step(*args, **kwargs)
         be.train_step = recording_step
         st = loop.TrainState(0, 0.0, TokenLoader(train_pattern(cfg.data_path), 0, 1, cfg.vocab_size))
@@ -199,13 +199,13 @@ def _ln_scale_by_application(monkeypatch) -> None:
 
     def counted(orig):
         def run(self, *args, **kwargs):
-            saved = self.attn_norm._scale, self.mlp_norm._scale
-            self.attn_norm._scale = self.mlp_norm._scale = float(np.float32(1.0 / math.sqrt(count[0] + 1)))
+            saved = self.attn_norm.scale, self.mlp_norm.scale
+            self.attn_norm.scale = self.mlp_norm.scale = float(np.float32(1.0 / math.sqrt(count[0] + 1)))
             count[0] += 1
             try:
                 return orig(self, *args, **kwargs)
             finally:
-                self.attn_norm._scale, self.mlp_norm._scale = saved
+                self.attn_norm.scale, self.mlp_norm.scale = saved
         return run
 
     orig_logits = mlx_model.GPT.logits
