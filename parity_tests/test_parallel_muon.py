@@ -41,15 +41,17 @@ def _weights() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("ns", ["quintic", "polar_express"])
 @pytest.mark.parametrize("shape", [(5, 8, 16), (4, 16, 8), (3, 12, 12)], ids=["wide", "tall", "square"])
-def test_batched_orthogonalisation_equals_single_calls_bit_for_bit(shape, ns):
+def test_batched_orthogonalisation_equals_single_calls(shape, ns):
     g = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     tb = torch_optim.zeropower_via_newtonschulz5(torch.from_numpy(g), 5, torch.float32, ns).numpy()
     ts = np.stack([torch_optim.zeropower_via_newtonschulz5(torch.from_numpy(m), 5, torch.float32, ns).numpy()
                    for m in g])
     mb = np.array(mlx_optim.zeropower_via_newtonschulz5(mx.array(g), 5, mx.float32, ns))
     ms = np.stack([np.array(mlx_optim.zeropower_via_newtonschulz5(mx.array(m), 5, mx.float32, ns)) for m in g])
-    np.testing.assert_array_equal(tb, ts)
-    np.testing.assert_array_equal(mb, ms)
+    # one batched GEMM against N single ones: bit-equal on the BLAS builds we pinned, but a BLAS may block a
+    # batch differently, so the stated bound is fp32 rounding through 5 iterations (seen: 0), not bit-equality
+    np.testing.assert_allclose(tb, ts, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(mb, ms, rtol=0, atol=1e-6)
     np.testing.assert_allclose(tb, mb, rtol=0, atol=2e-5)  # the twins: the single-matrix tests' tolerance
 
 

@@ -27,21 +27,21 @@ def setup_engine(**kw):
     return cfg, engine, (x, y, w)
 
 
-def reference_update(cfg, lora: torch_ttt.TorchLoRA, lerp: bool = False) -> None:
+def reference_update(cfg, lora: torch_ttt.TorchLoRA, bias_correction: bool = True) -> None:
     """AdamW one tensor at a time: p (1 - lr wd); m, v; p - (lr/bc1) m / (sqrt(v)/sqrt(bc2) + eps).
-    lerp=True: m <- lerp(m, g, 1 - b1) as torch.optim.AdamW writes it (a plausible port)."""
+    bias_correction=False: bc1 = bc2 = 1, a common slip of a hand port."""
     named = lora.params()
     grads = torch.autograd.grad(lora.loss, [t for _, t in named], allow_unused=True)
     lora.loss, lora.step = None, lora.step + 1
     b1, b2, lr, t = cfg.ttt_beta1, cfg.ttt_beta2, cfg.ttt_lora_lr, lora.step
-    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+    bc1, bc2 = (1.0 - b1 ** t, 1.0 - b2 ** t) if bias_correction else (1.0, 1.0)
     with torch.no_grad():
         for (key, p), g in zip(named, grads):
             g = torch.zeros_like(p) if g is None else g
             m = lora.m.setdefault(key, torch.zeros_like(p))
             v = lora.v.setdefault(key, torch.zeros_like(p))
             p.mul_(1.0 - lr * cfg.ttt_weight_decay)
-            m.lerp_(g, 1.0 - b1) if lerp else m.mul_(b1).add_(g, alpha=1.0 - b1)
+            m.mul_(b1).add_(g, alpha=1.0 - b1)
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
             p.sub_((lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + ttt.ADAM_EPS))
 
@@ -64,11 +64,15 @@ def test_foreach_adamw_is_bit_identical_to_the_per_tensor_formula(beta1):
     assert any(float(t.abs().max()) > 0 for t in ours[1::2]), "B never moved: the check compared nothing"
 
 
-def test_a_lerp_port_of_the_moment_is_caught():
+def test_a_port_without_bias_correction_is_caught():
+    """A fault far above rounding (the first steps' moments are 1/(1 - b^t) too small), so the comparison's
+    power to catch it does not hang on how one BLAS or kernel rounds, as a lerp-for-mul/add port's 1-ulp
+    difference would."""
     cfg, engine, rows = setup_engine(ttt_beta1=0.9)
     ours = steps(cfg, engine, rows, engine.update)
-    lerp = steps(cfg, engine, rows, lambda lora: reference_update(cfg, lora, lerp=True))
-    assert not all(torch.equal(a, b) for a, b in zip(ours, lerp))
+    bad = steps(cfg, engine, rows, lambda lora: reference_update(cfg, lora, bias_correction=False))
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(ours, bad))
+    assert worst > 1e-3, f"a port without bias correction stayed within {worst:.2g} of the engine"
 
 
 def test_ttt_compile_never_compiles_on_cpu():
