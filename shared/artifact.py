@@ -307,6 +307,14 @@ class SizeReport:
                              f"{self.code_bytes}) is {self.total_bytes - self.limit} bytes over the {self.limit}-byte cap")
 
 
+def cap_detail(code: int, artifact_bytes: int) -> str:
+    """`code C + artifact A = T <= CAP (M under)`, or `> CAP (N over)`: the margin either way, in bytes."""
+    total = code + artifact_bytes
+    if total <= BYTE_LIMIT:
+        return f"code {code} + artifact {artifact_bytes} = {total} <= {BYTE_LIMIT} ({BYTE_LIMIT - total} under)"
+    return f"code {code} + artifact {artifact_bytes} = {total} > {BYTE_LIMIT} ({total - BYTE_LIMIT} over)"
+
+
 def size_report(artifact_path: str | os.PathLike, trainer_path: str | os.PathLike) -> SizeReport:
     """The artifact's bytes and the code that ships with it (the compressed bundle: shared/shipped.py)."""
     return SizeReport(os.path.getsize(artifact_path), shipped_code_bytes(trainer_path))

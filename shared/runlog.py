@@ -5,12 +5,14 @@ trainer's source and the config, as the official script does.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import re
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import Hyperparameters
@@ -86,17 +88,111 @@ def log_final(log, acc, artifact_path: str, trainer_path: str, eval_ms: float) -
     report.check(artifact_path)
 
 
-_FINAL = re.compile(r"final_roundtrip_exact val_loss:(?P<val_loss>[0-9.]+) val_bpb:(?P<val_bpb>[0-9.]+)")
-_TRAIN = re.compile(r"^step:(?P<step>\d+)/\d+ train_loss:(?P<loss>[0-9.naif]+)", re.M)
+# ---- the one parser: every tool reads a run log through these ----
+SEPARATOR = "=" * 100  # RunLog.header: the trainer's source, this line, then the run's own lines
+TIME_LIMIT_S = 600.0  # the challenge's budget for training, and again for evaluation, on 8xH100
+NUMBER = re.compile(r"[-+]?(?:nan|inf|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=(?:ms|s)?$)")
+# A line's kind, by how it starts (the builders above and the loop's log calls write them)
+KINDS = {"train": "step:", "val": "step:", "final": "final_roundtrip_exact ", "artifact": "artifact:",
+         "val_counts": "val_tokens:", "export": "export ", "no_ttt": "no_ttt ", "ttt": "ttt val_loss:",
+         "ttt_warmup": "ttt_warmup ", "backend": "backend:", "config": "config:"}
+
+
+def run_lines(text: str) -> list[str]:
+    """The run's own lines: the logged source before the header's separator is not the run's."""
+    return text.split("\n" + SEPARATOR + "\n", 1)[-1].splitlines()
+
+
+def line_fields(line: str) -> dict[str, str]:
+    """The key:value tokens of a line (the value is what follows the first colon, up to a space)."""
+    return dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+
+
+def of_kind(lines: list[str], kind: str) -> list[dict[str, str]]:
+    """Fields of every line of `kind` (KINDS), in order; train and val lines are the step lines with that loss.
+    A final line may sit behind a prefix a launcher adds to output lines; the rest start their line."""
+    tag = {"train": "train_loss", "val": "val_loss"}.get(kind)
+    start = KINDS[kind]
+    found = [ln[ln.find(start):] for ln in lines if ln.startswith(start) or (kind == "final" and start in ln)]
+    return [f for f in map(line_fields, found) if tag is None or tag in f]
+
+
+def number(fields: dict[str, str], key: str, where: str = "log") -> float:
+    """fields[key] as a float: one grammar for every logged number (nan, inf and exponents included, an ms or s
+    unit dropped). A missing key or a malformed value is one ValueError naming `where`."""
+    value = fields.get(key)
+    m = NUMBER.match(value or "")
+    if m is None:
+        raise ValueError(f"{where}: {key}:{value} is not a number" if value is not None else f"{where}: no {key}")
+    return float(m.group(0))
+
+
+def last(lines: list[str], kind: str, where: str) -> dict[str, str]:
+    found = of_kind(lines, kind)
+    if not found:
+        raise ValueError(f"{where}: no {KINDS[kind].strip()} line (did the run finish?)")
+    return found[-1]
 
 
 def parse_final(text: str) -> dict[str, float]:
     """val_loss/val_bpb of the last final line in a log or stdout; ValueError if there is none."""
-    matches = list(_FINAL.finditer(text))
-    if not matches:
-        raise ValueError("no final_roundtrip_exact line found")
-    return {k: float(v) for k, v in matches[-1].groupdict().items()}
+    final = last(run_lines(text), "final", "output")
+    return {k: number(final, k, "final line") for k in ("val_loss", "val_bpb")}
+
+
+def step_of(fields: dict[str, str]) -> int:
+    """N of a step line's step:N/ITERATIONS."""
+    return int(fields["step"].split("/", 1)[0])
 
 
 def parse_train_losses(text: str) -> dict[int, float]:
-    return {int(m["step"]): float(m["loss"]) for m in _TRAIN.finditer(text)}
+    return {step_of(f): number(f, "train_loss") for f in of_kind(run_lines(text), "train")}
+
+
+def tagged(lines: list[str], prefix: str, where: str) -> str | None:
+    """What follows `prefix` on the last line that starts with it (None: no such line)."""
+    found = [ln[len(prefix):] for ln in lines if ln.startswith(prefix)]
+    return found[-1] if found else None
+
+
+def parse_config(lines: list[str], where: str) -> dict:
+    text = tagged(lines, "config:", where)
+    try:
+        return json.loads(text) if text is not None else {}
+    except json.JSONDecodeError:
+        raise ValueError(f"{where}: its config: line is not JSON") from None
+
+
+@dataclass
+class RunResult:
+    """The numbers of one finished run that the submission and audit tools check."""
+    log: str
+    seed: int
+    val_loss: float
+    val_bpb: float
+    val_tokens: int
+    val_bytes: int
+    artifact_bytes: int
+    code_bytes: int
+    train_ms: float
+    eval_ms: float
+    backend: str
+    source: str
+
+
+def parse_log(path: str | Path) -> RunResult:
+    """One finished run's numbers from its log (logs/RUN_ID.txt); every error is one line naming the file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    lines, where = run_lines(text), f"log {path}"
+    source = text.split("\n" + SEPARATOR + "\n", 1)[0] if SEPARATOR in text else ""
+    cfg, backend = parse_config(lines, where), tagged(lines, "backend:", where)
+    if "seed" not in cfg or backend is None:
+        raise ValueError(f"{where}: no {'backend' if backend is None else 'config'} line with its fields "
+                         f"(did the run finish?)")
+    final, counts = last(lines, "final", where), last(lines, "val_counts", where)
+    size, train = last(lines, "artifact", where), last(lines, "train", where)
+    n = lambda f, k: number(f, k, where)  # noqa: E731
+    return RunResult(str(path), int(cfg["seed"]), n(final, "val_loss"), n(final, "val_bpb"),
+                     int(n(counts, "val_tokens")), int(n(counts, "val_bytes")), int(n(size, "artifact_bytes")),
+                     int(n(size, "code_bytes")), n(train, "train_time"), n(final, "eval_time"), backend, source)

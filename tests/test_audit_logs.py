@@ -11,7 +11,7 @@ from shared.config import Hyperparameters
 from shared.runlog import final_lines, step_line, val_line
 from tools.audit_logs import check_size, check_time_budgets
 from tools.bundle import bundle_bytes
-from tools.submission import SEPARATOR
+from shared.runlog import SEPARATOR
 
 
 def write_log(path: Path, train_s: float, eval_s: float = 100.0, hessians_s: float | None = None,

@@ -14,7 +14,7 @@ from conftest import ROOT, run_script, tiny_env
 from shared.runlog import parse_final
 from shared.shipped import package_names, shipped_modules
 from tools.bundle import bundle_bytes, write_bundle
-from tools.submission import parse_log
+from shared.runlog import parse_log
 
 SEEDS = (1, 2, 3)
 

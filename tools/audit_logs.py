@@ -15,20 +15,15 @@ size: the shipped code (tools/bundle.py's train_gpt.py as `python -m tools.bundl
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from shared.artifact import BYTE_LIMIT
+from shared.artifact import BYTE_LIMIT, cap_detail
+from shared.runlog import TIME_LIMIT_S, number, of_kind, parse_log, run_lines
 from tools.auditcheck import Finding, verdict
 from tools.bundle import bundle_bytes
-from tools.submission import TIME_LIMIT_S, cap_detail, parse_log
 
 TRAIN_DATA_PHASES = ("hessians",)  # export phases (shared/loop.export's timings) that read training shards
-_EXPORT = re.compile(r"^export quant:.*$", re.M)
-_PHASE = re.compile(r" (\w+):([0-9.]+)s(?= |$)")
-_NO_TTT = re.compile(r"^no_ttt val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", re.M)
-_TTT = re.compile(r"^ttt val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", re.M)
-_WARMUP = re.compile(r"^ttt_warmup seconds:([0-9.]+)", re.M)
+EXPORT_PHASES = ("hessians", "gptq", "lqer", "coding")  # the seconds an export line may carry
 
 
 def check_time_budgets(log_paths: list[str]) -> list[Finding]:
@@ -48,27 +43,26 @@ def log_findings(path: str) -> list[Finding]:
         text = Path(path).read_text(encoding="utf-8")
     except (ValueError, OSError) as exc:
         return [Finding(f"{k}[{name}]", "FAIL", f"unreadable: {exc}") for k in ("train_time", "eval_time")]
-    phases = export_phases(text)
+    phases = export_phases(run_lines(text))
     after_cap = {k: v for k, v in phases.items() if k in TRAIN_DATA_PHASES}
     train_s = run.train_ms / 1000 + sum(after_cap.values())
     parts = "".join(f" + {k} {v:.1f}s" for k, v in after_cap.items())
     train = verdict(f"train_time[{name}]", train_s <= TIME_LIMIT_S,
                     f"{train_s:.1f}s {vs(train_s, TIME_LIMIT_S)} (steps {run.train_ms / 1000:.1f}s{parts})")
-    return [train, eval_finding(name, text, run.eval_ms)]
+    return [train, eval_finding(name, run_lines(text), run.eval_ms)]
 
 
-def export_phases(text: str) -> dict[str, float]:
+def export_phases(lines: list[str]) -> dict[str, float]:
     """Seconds of each phase on the log's last export line ({} when the log has none)."""
-    lines = _EXPORT.findall(text)
-    return {k: float(v) for k, v in _PHASE.findall(lines[-1])} if lines else {}
+    found = of_kind(lines, "export")
+    return {k: number(found[-1], k) for k in EXPORT_PHASES if k in found[-1]} if found else {}
 
 
-def eval_finding(name: str, text: str, final_ms: float) -> Finding:
-    no_ttt, ttt = _NO_TTT.findall(text), _TTT.findall(text)
-    scored_ms = max(final_ms, float(ttt[-1]) if ttt else 0.0)  # with TTT the final line repeats the ttt line's
-    no_ttt_ms = float(no_ttt[-1]) if no_ttt else 0.0
-    warm = _WARMUP.findall(text)
-    warm_ms = 1000.0 * float(warm[-1]) if warm else 0.0
+def eval_finding(name: str, lines: list[str], final_ms: float) -> Finding:
+    no_ttt, ttt, warm = (of_kind(lines, k) for k in ("no_ttt", "ttt", "ttt_warmup"))
+    scored_ms = max(final_ms, number(ttt[-1], "eval_time") if ttt else 0.0)  # with TTT the final line repeats it
+    no_ttt_ms = number(no_ttt[-1], "eval_time") if no_ttt else 0.0
+    warm_ms = 1000.0 * number(warm[-1], "seconds") if warm else 0.0
     total_ms = scored_ms + no_ttt_ms + warm_ms
     what = f"{'TTT' if ttt else 'final'} evaluation {scored_ms / 1000:.1f}s"
     what += f" + no_ttt pass {no_ttt_ms / 1000:.1f}s" if no_ttt else ""

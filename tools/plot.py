@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from shared import runlog  # noqa: E402
 from shared.fsutil import atomic_write_bytes  # noqa: E402
 
-SEPARATOR = "=" * 100  # RunLog.header: the trainer's source, this line, then the run's own lines
 FIGSIZE, DPI = (12.0, 4.5), 100  # 1200 x 450 pixels
-
-_BACKEND = re.compile(r"^backend:(\S+)", re.M)
-_CONFIG = re.compile(r"^config:(\{.*\})$", re.M)
-_TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:(\d+)ms", re.M)
-_VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", re.M)
-_FINAL = re.compile(r"^final_roundtrip_exact val_loss:\S+ val_bpb:([0-9.naif]+)", re.M)
-_ARTIFACT = re.compile(r"^artifact:\S+ artifact_bytes:(\d+)", re.M)
 
 
 @dataclass
@@ -67,20 +58,18 @@ def parse_run(path: str) -> Run:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read it as a run log ({exc})") from None
-    text = text.split("\n" + SEPARATOR + "\n", 1)[-1]  # skip the logged source: its lines are not the run's
-    backend, config = _BACKEND.search(text), _CONFIG.search(text)
+    lines = runlog.run_lines(text)
+    backend, config = runlog.tagged(lines, "backend:", path), runlog.tagged(lines, "config:", path)
     if backend is None or config is None:
         raise ValueError(f"{path}: not a run log (no backend: and config: lines, as shared/runlog.py writes)")
-    try:
-        run_id = json.loads(config.group(1)).get("run_id") or Path(path).stem
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: its config: line is not JSON") from None
-    run = Run(path, run_id, backend.group(1))
-    run.train = [(int(s), float(loss), float(ms)) for s, loss, ms in _TRAIN.findall(text)]
-    run.val = [(int(s), float(b), float(ms)) for s, b, ms in _VAL.findall(text)]
-    finals, sizes = _FINAL.findall(text), _ARTIFACT.findall(text)
-    run.final_bpb = float(finals[-1]) if finals else None
-    run.artifact_bytes = int(sizes[-1]) if sizes else None
+    run_id = runlog.parse_config(lines, path).get("run_id") or Path(path).stem
+    run = Run(path, run_id, backend.split()[0] if backend.split() else backend)
+    n = lambda f, k: runlog.number(f, k, path)  # noqa: E731
+    run.train = [(runlog.step_of(f), n(f, "train_loss"), n(f, "train_time")) for f in runlog.of_kind(lines, "train")]
+    run.val = [(runlog.step_of(f), n(f, "val_bpb"), n(f, "train_time")) for f in runlog.of_kind(lines, "val")]
+    finals, sizes = runlog.of_kind(lines, "final"), runlog.of_kind(lines, "artifact")
+    run.final_bpb = n(finals[-1], "val_bpb") if finals else None
+    run.artifact_bytes = int(n(sizes[-1], "artifact_bytes")) if sizes else None
     return run
 
 

@@ -26,55 +26,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.artifact import BYTE_LIMIT
+from shared.artifact import BYTE_LIMIT, cap_detail
 from shared.fsutil import atomic_write_bytes, atomic_write_text
+from shared.runlog import TIME_LIMIT_S, RunResult, parse_log
 from tools.bundle import bundle_bytes
 from tools.stats import one_sided_t_test
 
-TIME_LIMIT_S = 600.0
 MIN_SEEDS = 3
 NAT_MARGIN = 0.005  # required improvement over SOTA, in nats
 P_THRESHOLD = 0.01
-SEPARATOR = "=" * 100
-
-
-@dataclass
-class RunResult:
-    log: str
-    seed: int
-    val_loss: float
-    val_bpb: float
-    val_tokens: int
-    val_bytes: int
-    artifact_bytes: int
-    code_bytes: int
-    train_ms: float
-    eval_ms: float
-    backend: str
-    source: str
-
-
-def _find(pattern: str, text: str, path: Path, what: str) -> re.Match:
-    matches = list(re.finditer(pattern, text, re.M))
-    if not matches:
-        raise ValueError(f"log {path}: no {what} line (did the run finish?)")
-    return matches[-1]
-
-
-def parse_log(path: str | Path) -> RunResult:
-    """The numbers of one finished run, from its log (logs/RUN_ID.txt)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    source = text.split("\n" + SEPARATOR + "\n", 1)[0] if SEPARATOR in text else ""  # RunLog.header's layout
-    cfg = json.loads(_find(r"^config:(\{.*\})$", text, path, "config").group(1))
-    final = _find(r"^final_roundtrip_exact val_loss:([0-9.]+) val_bpb:([0-9.]+) eval_time:(\d+)ms", text, path, "final")
-    counts = _find(r"^val_tokens:(\d+) val_bytes:(\d+)$", text, path, "val_tokens")
-    size = _find(r"^artifact:\S+ artifact_bytes:(\d+) code_bytes:(\d+)", text, path, "artifact")
-    train = _find(r"^step:\d+/\d+ .*train_time:(\d+)ms", text, path, "train_time")
-    backend = _find(r"^backend:(.*)$", text, path, "backend").group(1)
-    return RunResult(str(path), int(cfg["seed"]), float(final.group(1)), float(final.group(2)), int(counts.group(1)),
-                     int(counts.group(2)), int(size.group(1)), int(size.group(2)), float(train.group(1)),
-                     float(final.group(3)), backend, source)
 
 
 @dataclass
@@ -85,14 +45,6 @@ class Check:
 
     def line(self) -> str:
         return f"check:{self.name} {'PASS' if self.ok else 'FAIL'} {self.detail}"
-
-
-def cap_detail(code: int, artifact_bytes: int) -> str:
-    """`code C + artifact A = T <= CAP (M under)`, or `> CAP (N over)`: the margin either way, in bytes."""
-    total = code + artifact_bytes
-    if total <= BYTE_LIMIT:
-        return f"code {code} + artifact {artifact_bytes} = {total} <= {BYTE_LIMIT} ({BYTE_LIMIT - total} under)"
-    return f"code {code} + artifact {artifact_bytes} = {total} > {BYTE_LIMIT} ({total - BYTE_LIMIT} over)"
 
 
 def check_runs(runs: list[RunResult], shipped: str, code: int, artifact_bytes: int, track: str) -> list[Check]:
