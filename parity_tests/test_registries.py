@@ -18,7 +18,7 @@ import torch_optim  # noqa: E402
 from parity_tests import compare as C  # noqa: E402
 from parity_tests.test_parity import cfg_for, check_optimizer_steps  # noqa: E402
 from parity_tests.variants import model_choice_variants, optimizer_variants, with_knobs  # noqa: E402
-from shared import artifact, spec  # noqa: E402
+from shared import artifact, quant, spec  # noqa: E402
 from shared.config import Hyperparameters, _f, choice_fields  # noqa: E402
 
 TWINS = ("torch_model", "mlx_model")  # a model knob's value must exist in both
@@ -30,7 +30,8 @@ def registries() -> dict[str, dict[str, dict]]:
             "muon_ns": {"shared/spec.py": spec.NS_KINDS},
             "compute_dtype": {"cuda_train": {**cuda_train.DTYPES, "auto": None},
                               "mlx_train": {**mlx_train.DTYPES, "auto": None}},
-            "compressor": {"shared/artifact.py": artifact.CONTAINER}}
+            "compressor": {"shared/artifact.py": artifact.CONTAINER},
+            "quant": {"shared/quant": quant.BY_KNOB}}
 
 
 def mismatches(choices: dict[str, tuple], tables: dict[str, dict[str, dict]]) -> list[str]:

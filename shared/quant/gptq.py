@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from shared.quant.tensors import dequantize, lqer_correction, per_row  # noqa: F401  (dequantize: the one loop)
+
 NAME = "gptq_sdclip_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536  # the record's passthrough threshold (§6.3)
 BLOCK = 128  # GPTQ's lazy-update block (columns)
@@ -257,25 +259,13 @@ def lqer_factors(err: np.ndarray, rank: int, group: int) -> dict[str, np.ndarray
     return {"q_a": q_a.astype(np.int8), "s_a": s_a, "q_b": q_b.astype(np.int8), "s_b": s_b}
 
 
-def lqer_correction(q_a: np.ndarray, s_a: np.ndarray, q_b: np.ndarray, s_b: np.ndarray) -> np.ndarray:
-    """float32 A_hat B_hat, summed over the rank one outer product at a time in order (no BLAS: the same bits
-    on any machine)."""
-    a = q_a.astype(np.float32) * s_a.astype(np.float32)[0]
-    group = q_b.size // s_b.size
-    b = (q_b.astype(np.float32).reshape(-1, group) * s_b.astype(np.float32)[:, None]).reshape(q_b.shape)
-    out = np.zeros((a.shape[0], b.shape[1]), dtype=np.float32)
-    for k in range(a.shape[1]):
-        out += np.outer(a[:, k], b[k])
-    return out
-
-
 def add_lqer(state: dict[str, np.ndarray], tensors: dict[str, np.ndarray], index: dict[str, dict], rank: int,
              top_k: int, group: int) -> list[str]:
     """Rank every GPTQ tensor by ||W - W_hat||_F (absolute, float64) and give the top_k a correction; returns them."""
     errors = {}
     for name, entry in index.items():
         if entry.get("hessian") is not None:  # the GPTQ matrices
-            w_hat = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
+            w_hat = per_row(tensors, name)
             errors[name] = state[name].astype(np.float32) - w_hat
     chosen = sorted(errors, key=lambda n: (-float(np.linalg.norm(errors[n].astype(np.float64))), n))[:top_k]
     for name in chosen:
@@ -286,20 +276,3 @@ def add_lqer(state: dict[str, np.ndarray], tensors: dict[str, np.ndarray], index
             tensors[f"lqer_{key}:{name}"] = value
         index[name]["lqer"] = {"rank": int(tensors[f"lqer_q_a:{name}"].shape[1]), "group": group}
     return chosen
-
-
-def dequantize(tensors: dict[str, np.ndarray], index: dict[str, dict]) -> dict[str, np.ndarray]:
-    """float32 W_hat = q * s per row (the product in float32, as every reader computes it), plus the LQER
-    correction where the index has one."""
-    out = {}
-    for name, entry in index.items():
-        if entry["kind"] == "float":
-            t = tensors[f"float:{name}"].astype(np.float32)
-        elif entry["kind"] == "int_per_row":
-            t = tensors[f"q:{name}"].astype(np.float32) * tensors[f"scale:{name}"].astype(np.float32)[:, None]
-            if "lqer" in entry:
-                t = t + lqer_correction(*(tensors[f"lqer_{k}:{name}"] for k in ("q_a", "s_a", "q_b", "s_b")))
-        else:
-            raise ValueError(f"tensor {name}: unknown kind {entry['kind']!r} for scheme {NAME}")
-        out[name] = t.reshape(entry["shape"])
-    return out
