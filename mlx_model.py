@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from shared.config import Hyperparameters, implementation  # noqa: E402
 from shared.segments import cu_seqlens  # noqa: E402
-from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights  # noqa: E402
+from shared.spec import LayerPlan, init_params, layer_plan, mlp_hidden, num_skip_weights  # noqa: E402
 
 # ---- numerics, written out (torch_model.py uses the same) ----
 RMS_NORM_EPS = 1e-6
@@ -318,25 +318,9 @@ class GPT(nn.Module):
         if self.smear_gate_enabled:
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
         x = rms_norm(x)
-        x0 = x
-        plan = self._plan_looped if self.looping else self._plan_unlooped
-        skips = []
-        for j, i in enumerate(plan.encoder):
-            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
-            skips.append(x)
-        lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
-        for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
-            app = adapters(lora, j)
-            if lanes is None and 0 < self.parallel_start <= i:
-                lanes = (x, x)  # split before the skip, which joins lane 0 only
-            if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
-            else:
-                lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
-        if lanes is not None:
-            x = merge_lanes(*lanes)
-        x = self.final_norm(x)
+        plan = self._plan_looped if self.looping else self._plan_unlooped  # NUM_LOOPS: which walk (§3.2)
+        h, skips = self.encode(x, plan, doc, lora)
+        x = self.final_norm(self.decode(h, x, skips, plan, doc, lora))
         w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
         z = x.astype(self.dtype) @ w.astype(self.dtype).T  # (B, T, V) in the compute dtype
         if lora is not None:
@@ -348,6 +332,30 @@ class GPT(nn.Module):
         """Softcapped logits (B, T, V), fp32: c * tanh(z / c) of the head's output (raw_logits)."""
         z = self.raw_logits(input_ids, segments, lora).astype(mx.float32)  # softcap and loss in fp32
         return self.logit_softcap * self._ops.tanh(z / self.logit_softcap)
+
+    def encode(self, x: mx.array, plan: LayerPlan, doc, lora: list | None) -> tuple[mx.array, list]:
+        """The encoder's layer applications on the normed embedding x (also every block's x0), each output pushed
+        for a U-Net skip; application j (the LoRA index) runs physical layer plan.encoder[j]."""
+        x0, skips = x, []
+        for j, i in enumerate(plan.encoder):
+            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
+            skips.append(x)
+        return x, skips
+
+    def decode(self, x: mx.array, x0: mx.array, skips: list, plan: LayerPlan, doc, lora: list | None) -> mx.array:
+        """The decoder's applications (LoRA index j continues the encoder's), each popping the skip its slot
+        names; from the first layer >= PARALLEL_START_LAYER two residual lanes (§3.7), merged at the end."""
+        lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
+        for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
+            app = adapters(lora, j)
+            if lanes is None and 0 < self.parallel_start <= i:
+                lanes = (x, x)  # split before the skip, which joins lane 0 only
+            if lanes is None:
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
+            else:
+                lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
+        return x if lanes is None else merge_lanes(*lanes)
 
     def add_skip(self, x: mx.array, skip: mx.array, slot: int) -> mx.array:
         """U-Net skip through `slot` (§3.6): scaled by skip_weights[slot], then added or gate-mixed."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from shared.config import Hyperparameters, implementation
 from shared.segments import CU_SEQLENS_BUCKET, cu_seqlens, segment_ids
-from shared.spec import init_params, layer_plan, mlp_hidden, num_skip_weights
+from shared.spec import LayerPlan, init_params, layer_plan, mlp_hidden, num_skip_weights
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, fp16/bf16 only)
     from torch.nn.attention.varlen import varlen_attn
@@ -491,25 +491,9 @@ class GPT(nn.Module):
         if self.smear_gate_enabled:
             x = smear(x, input_ids, self.smear_gate.weight, self.smear_lambda, self.bos_id)
         x = rms_norm(x)
-        x0 = x
-        plan = self._plan_looped if self.looping else self._plan_unlooped
-        skips = []
-        for j, i in enumerate(plan.encoder):
-            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
-            skips.append(x)
-        lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
-        for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
-            app = adapters(lora, j)
-            if lanes is None and 0 < self.parallel_start <= i:
-                lanes = (x, x)  # split before the skip, which joins lane 0 only
-            if lanes is None:
-                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
-            else:
-                lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
-                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
-        if lanes is not None:
-            x = merge_lanes(*lanes)
-        x = self.final_norm(x)
+        plan = self._plan_looped if self.looping else self._plan_unlooped  # NUM_LOOPS: which walk (§3.2)
+        h, skips = self.encode(x, plan, doc, lora)
+        x = self.final_norm(self.decode(h, x, skips, plan, doc, lora))
         w = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
         z = F.linear(x.to(self.dtype), w.to(self.dtype))  # (B, T, V) in the compute dtype
         if lora is not None:
@@ -521,6 +505,30 @@ class GPT(nn.Module):
         """Softcapped logits (B, T, V), fp32: c * tanh(z / c) of the head's output (raw_logits)."""
         z = self.raw_logits(input_ids, segments, lora).float()  # softcap and loss in fp32
         return self.logit_softcap * torch.tanh(z / self.logit_softcap)
+
+    def encode(self, x: Tensor, plan: LayerPlan, doc, lora: list | None) -> tuple[Tensor, list]:
+        """The encoder's layer applications on the normed embedding x (also every block's x0), each output pushed
+        for a U-Net skip; application j (the LoRA index) runs physical layer plan.encoder[j]."""
+        x0, skips = x, []
+        for j, i in enumerate(plan.encoder):
+            x = self.blocks[i](x, x0, doc, **adapters(lora, j))
+            skips.append(x)
+        return x, skips
+
+    def decode(self, x: Tensor, x0: Tensor, skips: list, plan: LayerPlan, doc, lora: list | None) -> Tensor:
+        """The decoder's applications (LoRA index j continues the encoder's), each popping the skip its slot
+        names; from the first layer >= PARALLEL_START_LAYER two residual lanes (§3.7), merged at the end."""
+        lanes = None  # (lane0, lane1) from the first layer >= PARALLEL_START_LAYER to the end
+        for j, (i, slot) in enumerate(zip(plan.decoder, plan.skip_slots), len(plan.encoder)):
+            app = adapters(lora, j)
+            if lanes is None and 0 < self.parallel_start <= i:
+                lanes = (x, x)  # split before the skip, which joins lane 0 only
+            if lanes is None:
+                x = self.blocks[i](x if slot is None else self.add_skip(x, skips.pop(), slot), x0, doc, **app)
+            else:
+                lane0 = lanes[0] if slot is None else self.add_skip(lanes[0], skips.pop(), slot)
+                lanes = self.blocks[i].parallel(lane0, lanes[1], x0, *self.lane_lambdas(i), doc, **app)
+        return x if lanes is None else merge_lanes(*lanes)
 
     def add_skip(self, x: Tensor, skip: Tensor, slot: int) -> Tensor:
         """U-Net skip through `slot` (§3.6): scaled by skip_weights[slot], then added or gate-mixed (GatedSkip:
