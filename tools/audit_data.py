@@ -113,21 +113,23 @@ def special_fit(d: np.ndarray, counts: dict[int, np.ndarray]) -> dict[int, int] 
     return {t: int(v) for t, v in zip(ids, k) if v}
 
 
+SIGNATURES = {  # feature -> its diagnosis when d = k x that feature's count per document
+    "start_space": lambda k, n: (f"bug (a) leading-space double count at document starts: +{k} x {n} documents "
+                                 f"opening with a '▁' piece (the space after BOS is counted)"),
+    "space": lambda k, n: (f"bug (a) leading-space double count: +{k} x {n} '▁' pieces (the marker's space "
+                           f"counted on top of a byte count that already includes it)"),
+    "byte": lambda k, n: (f"bug (b) byte-fallback tokens counted as {k + 1} bytes, not 1: +{k} x {n} <0xNN> "
+                          f"tokens{' (their piece length)' if k == 5 else ''}"),
+}
+
+
 def diagnose(d: np.ndarray, f: dict) -> list[str]:
     """Every signature of the module docstring that the per-document differences d fit exactly."""
     out = []
-    k = proportional(d, f["start_space"])
-    if k is not None:
-        out.append(f"bug (a) leading-space double count at document starts: +{k} x {int(f['start_space'].sum())} "
-                   f"documents opening with a '▁' piece (the space after BOS is counted)")
-    k = proportional(d, f["space"])
-    if k is not None:
-        out.append(f"bug (a) leading-space double count: +{k} x {int(f['space'].sum())} '▁' pieces (the marker's "
-                   f"space counted on top of a byte count that already includes it)")
-    k = proportional(d, f["byte"])
-    if k is not None:
-        out.append(f"bug (b) byte-fallback tokens counted as {k + 1} bytes, not 1: +{k} x {int(f['byte'].sum())} "
-                   f"<0xNN> tokens{' (their piece length)' if k == 5 else ''}")
+    for key, says in SIGNATURES.items():  # each a count per document that d may be a whole multiple of
+        k = proportional(d, f[key])
+        if k is not None:
+            out.append(says(k, int(f[key].sum())))
     fit = special_fit(d, f["special"])
     if fit is not None:
         what = ", ".join(f"{f['sp'].id_to_piece(t)} (id {t}) as {v} bytes x {int(f['special'][t].sum())}"
