@@ -24,7 +24,8 @@ TINY_VOCAB = 384
 # --dist loadscope) take whole modules in collection order, so one of these started last would leave the other
 # worker idle for its length; every other module keeps its place after them. Speed only: any order passes.
 HEAVY_MODULES = ("tests/test_trainers.py", "parity_tests/test_record_preset.py", "tests/test_submission.py",
-                 "parity_tests/test_parity.py", "tests/test_ttt_eval.py", "parity_tests/test_parity_ttt.py")
+                 "parity_tests/test_parity.py", "tests/test_ttt_eval.py", "tests/test_ttt_speed.py",
+                 "parity_tests/test_parity_ttt.py", "tests/test_minify.py")
 
 
 def pytest_collection_modifyitems(config, items):
