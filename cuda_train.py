@@ -23,10 +23,10 @@ from torch import nn
 from shared import bpb, loop
 from shared.runlog import rss_peak_line
 from shared.config import Hyperparameters
-from shared.segments import check_bos_features, require_bos, segment_ids
+from shared.segments import check_bos_features, require_bos
 from shared.spec import micro_batch_tokens
 from shared.quant.gptq import targets as gptq_targets
-from torch_model import (VarlenSegments, build_model, collect_hessians, doc_attention_kernel, host_varlen_segments,
+from torch_model import (VarlenSegments, build_model, collect_hessians, doc_attention_kernel, doc_segments,
                          load_numpy_state, numpy_state, to_numpy, upload)
 from torch_optim import Optimizers
 from torch_gptq import TorchSolver
@@ -146,9 +146,7 @@ class TorchBackend:
         (shared/segments.py) for the masked kernel; None: dense causal."""
         if not self.cfg.doc_isolated_attn:
             return None
-        if doc_attention_kernel(self.device, self.dtype).startswith("varlen"):
-            return host_varlen_segments(x, require_bos(self.bos_id), self.cfg.train_seq_len, self.device)
-        return upload(segment_ids(x, require_bos(self.bos_id), self.cfg.train_seq_len), self.device)
+        return doc_segments(x, require_bos(self.bos_id), self.cfg.train_seq_len, self.device, self.dtype)
 
     def evaluate(self, data: bpb.EvalData, log=None) -> bpb.BpbAccumulator:
         def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # each window is a row: the row-start rule applies

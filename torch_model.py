@@ -167,6 +167,15 @@ def host_varlen_segments(x: np.ndarray, bos_id: int, max_len: int, device: torch
     return VarlenSegments(cu, x.shape[1])
 
 
+def doc_segments(x: np.ndarray, bos_id: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype) -> Tensor | VarlenSegments:
+    """What GPT.logits takes for DOC_ISOLATED_ATTN on rows x: the varlen kernel's boundaries built on the host
+    where that kernel runs, else segment ids on the device for the masked kernel (shared/segments.py)."""
+    if doc_attention_kernel(device, dtype).startswith("varlen"):
+        return host_varlen_segments(x, bos_id, max_len, device)
+    return upload(segment_ids(x, bos_id, max_len), device)
+
+
 def expand_kv_heads(t: Tensor, heads: int, head_dim: int) -> Tensor:
     """GQA written out: KV heads repeated so that query head h reads KV head h // G (G = heads / kv heads), the
     pairing SDPA's enable_gqa uses; each KV head repeated in place, not the block tiled (h % Hkv)."""

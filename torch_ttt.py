@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from shared.config import Hyperparameters
-from shared.segments import segment_ids
 from shared.ttt import ADAM_EPS, AInit, a_numpy, a_values, lora_a_spec, lora_shapes, warmup_widths
-from torch_model import GPT, LoRAApp, upload
+from torch_model import GPT, LoRAApp, doc_segments, upload
 
 GRAD_CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
 
@@ -170,7 +169,7 @@ class TorchTTT:
         grads = [torch.zeros_like(p) for p in params.values()]
         loss = torch.zeros((), device=self.device)
         if len(xs):
-            seg = torch.from_numpy(segment_ids(xs, self.bos_id, cfg.ttt_eval_seq_len)).to(self.device)
+            seg = doc_segments(xs, self.bos_id, cfg.ttt_eval_seq_len, self.device, self.model.dtype)
             for p in params.values():
                 p.requires_grad_(True)
             with torch.enable_grad():
